@@ -1,0 +1,306 @@
+"""The program as data: frozen dataclasses, one per grammar rule, each with a source span.
+
+`==` ignores spans, so a parsed program equals one built by hand or re-parsed from its
+canonical text (`str(node)`, see `unparse`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Union
+
+from tdhook_fx.errors import Span
+
+
+def _span():
+    return field(default=None, compare=False, repr=False, kw_only=True)
+
+
+class Node:
+    """Base of all AST nodes; `str(node)` is its canonical DSL text."""
+
+    span: Span | None
+
+    def __str__(self) -> str:
+        from tdhook_fx.syntax.unparse import unparse
+
+        return unparse(self)
+
+
+# ---- index entries (inside `[...]`) ---------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=True)
+class Var(Node):
+    """`$name`: a runtime value from the input TensorDict or `CompiledModule.bind`."""
+
+    name: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class IntEntry(Node):
+    value: int
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Slice(Node):
+    """`start:stop:step`; each bound is an int, a `Var` or None."""
+
+    start: int | Var | None = None
+    stop: int | Var | None = None
+    step: int | Var | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class EllipsisEntry(Node):
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class AllEntry(Node):
+    """`[*]`: every element of a module container."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class SetEntry(Node):
+    """`[{0,5,10}]`: the listed elements of a module container."""
+
+    values: tuple[int, ...]
+    span: Span | None = _span()
+
+
+IndexEntry = Union[IntEntry, Var, Slice, EllipsisEntry, AllEntry, SetEntry]
+
+
+@dataclass(frozen=True)
+class Index(Node):
+    """One `[...]`: picks container elements or indexes a tensor (resolution decides)."""
+
+    entries: tuple[IndexEntry, ...]
+    span: Span | None = _span()
+
+    @property
+    def is_tensor_index(self) -> bool:
+        """True where the brackets can only index a tensor (a comma, `...` or a `$name`)."""
+        return len(self.entries) > 1 or any(
+            isinstance(e, (EllipsisEntry, Var))
+            or (isinstance(e, Slice) and any(isinstance(b, Var) for b in (e.start, e.stop, e.step)))
+            for e in self.entries
+        )
+
+    @property
+    def is_selector(self) -> bool:
+        """True where the brackets can only select modules (`[*]`, `[{0,5}]`)."""
+        return any(isinstance(e, (AllEntry, SetEntry)) for e in self.entries)
+
+
+# ---- paths and sites ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Attr(Node):
+    """`.name` (also `.0` and `<odd/name>`)."""
+
+    name: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class AnyAttr(Node):
+    """`.*`: every child module."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class AttrSet(Node):
+    """`.{a,b}`: the listed child modules."""
+
+    names: tuple[str, ...]
+    span: Span | None = _span()
+
+
+Segment = Union[Attr, AnyAttr, AttrSet, Index]
+
+
+@dataclass(frozen=True)
+class Path(Node):
+    """A module (or parameter) path in tdhook's syntax plus selectors."""
+
+    segments: tuple[Segment, ...]
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class RegexPath(Node):
+    """`/pattern/`: every module whose dotted name matches (`re.search`)."""
+
+    pattern: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Port(Node):
+    """`:out`, `:out.0`, `:in`, `:in.0`, `:in.hidden_states`."""
+
+    kind: Literal["out", "in"]
+    item: int | str | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Site(Node):
+    """An addressable point: a path, an optional call index, port and tensor index."""
+
+    path: Path | RegexPath
+    call: int | None = None
+    port: Port | None = None
+    index: Index | None = None
+    span: Span | None = _span()
+
+
+# ---- expressions ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Number(Node):
+    value: int | float
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Saved(Node):
+    """`@name`: a value saved earlier in the same run."""
+
+    name: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Zeros(Node):
+    """`zeros`: zeros shaped like the site's value."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Mean(Node):
+    """`mean`: the site's value averaged over the batch (mean ablation)."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class BinOp(Node):
+    op: Literal["+", "-", "*", "/"]
+    left: Expr
+    right: Expr
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Neg(Node):
+    operand: Expr
+    span: Span | None = _span()
+
+
+Expr = Union[Number, Var, Saved, Zeros, Mean, BinOp, Neg]
+
+
+# ---- pruning --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Amount(Node):
+    """`50%` (percent=True) or a count of weights (percent=False)."""
+
+    value: int | float
+    percent: bool
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Magnitude(Node):
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Random(Node):
+    seed: int | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Importance(Node):
+    """`by $scores`: prune the weights with the lowest given scores."""
+
+    var: Var
+    span: Span | None = _span()
+
+
+Criterion = Union[Magnitude, Random, Importance]
+
+
+# ---- statements -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Save(Node):
+    site: Site
+    name: str | None = None
+    grad: bool = False
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Set(Node):
+    site: Site
+    value: Expr
+    grad: bool = False
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Patch(Node):
+    """Replace the site's value by the one it has on the source input (`("patched", key)`)."""
+
+    site: Site
+    source: str | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Steer(Node):
+    site: Site
+    op: Literal["+=", "-=", "*="]
+    value: Expr
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Prune(Node):
+    param: Path | RegexPath
+    amount: Amount
+    criterion: Criterion = field(default_factory=Magnitude)
+    dim: int | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Stop(Node):
+    site: Site
+    span: Span | None = _span()
+
+
+Statement = Union[Save, Set, Patch, Steer, Prune, Stop]
+
+
+@dataclass(frozen=True)
+class Program(Node):
+    statements: tuple[Statement, ...] = ()
+    span: Span | None = _span()

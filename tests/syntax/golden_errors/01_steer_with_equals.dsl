@@ -1,0 +1,1 @@
+steer transformer.h[2].mlp = 1

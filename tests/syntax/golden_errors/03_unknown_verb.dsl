@@ -1,0 +1,2 @@
+save transformer.h[0].mlp
+sav transformer.h[1].mlp

@@ -1,0 +1,1 @@
+set transformer.h[0].mlp = [1, 2, 3]

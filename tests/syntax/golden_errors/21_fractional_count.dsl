@@ -1,0 +1,1 @@
+prune transformer.h[0].mlp.c_fc.weight 0.5

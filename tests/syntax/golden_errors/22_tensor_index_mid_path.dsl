@@ -1,0 +1,1 @@
+save transformer.h[:, 0].mlp

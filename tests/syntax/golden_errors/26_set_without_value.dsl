@@ -1,0 +1,1 @@
+set transformer.h[0].mlp

@@ -1,0 +1,1 @@
+prune transformer.h[0].mlp[0] 10%

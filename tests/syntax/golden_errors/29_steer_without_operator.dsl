@@ -1,0 +1,1 @@
+steer transformer.h[0].mlp
