@@ -1,5 +1,6 @@
 """tdhook_fx: interventions written in a small DSL, compiled into a rewrite of the model's graph."""
 
+from tdhook_fx.compiled import CompiledModule
 from tdhook_fx.errors import (
     BindingError,
     CaptureError,
@@ -8,16 +9,20 @@ from tdhook_fx.errors import (
     ResolutionError,
     TdhookFxError,
 )
+from tdhook_fx.pipeline import compile, sites
 from tdhook_fx.syntax.ast import Program
 from tdhook_fx.syntax.parse import parse
 
 __all__ = [
     "BindingError",
     "CaptureError",
+    "CompiledModule",
     "DslSyntaxError",
     "ExportError",
     "Program",
     "ResolutionError",
     "TdhookFxError",
+    "compile",
     "parse",
+    "sites",
 ]

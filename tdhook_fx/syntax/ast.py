@@ -304,3 +304,21 @@ Statement = Union[Save, Set, Patch, Steer, Prune, Stop]
 class Program(Node):
     statements: tuple[Statement, ...] = ()
     span: Span | None = _span()
+
+
+def variables(node) -> list[str]:
+    """The names of every runtime value (`$name`) in `node`, in order, without repeats."""
+    found: dict[str, None] = {}
+
+    def walk(value):
+        if isinstance(value, Var):
+            found[value.name] = None
+        elif isinstance(value, Node):
+            for name in value.__dataclass_fields__:
+                walk(getattr(value, name))
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                walk(item)
+
+    walk(node)
+    return list(found)

@@ -1,0 +1,117 @@
+"""Capture: model + example -> a tapped graph and its site table (cached per input signature)."""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+from tdhook_fx.capture import export as export_frontend
+from tdhook_fx.capture import trace as trace_frontend
+from tdhook_fx.capture.adapter import CallPlan, key_name, model_call, plan_call
+from tdhook_fx.capture.sites import SiteInfo, SiteTable, build_site_table
+from tdhook_fx.capture.taps import SiteKey, Tapper
+from tdhook_fx.errors import CaptureError
+
+FRONTENDS = ("auto", "fx", "export")
+
+
+@dataclass(frozen=True)
+class Capture:
+    """A model turned into a graph whose sites are marked by taps (shared by many programs)."""
+
+    graph_module: fx.GraphModule  # inputs: one per in_key; output: a tuple, one per out_key
+    frontend: str  # "fx" or "export"
+    plan: CallPlan
+    site_keys: dict[str, SiteKey]  # tap name -> where it is
+    seconds: float  # how long capturing took
+
+
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def capture(
+    model: nn.Module, inputs: tuple, in_keys, out_keys, frontend: str = "auto"
+) -> tuple[Capture, SiteTable]:
+    """Capture `model` called on `inputs` and list its sites with their shapes on `inputs`.
+
+    An earlier capture of the same model and input signature is reused (only the site table,
+    one run of the graph, is made anew).
+    """
+    if frontend not in FRONTENDS:
+        raise CaptureError(f"unknown front end {frontend!r}; choose one of {FRONTENDS}")
+    signature = (
+        tuple(in_keys),
+        tuple(out_keys),
+        frontend,
+        model.training,
+        tuple((x.dtype, x.dim()) for x in inputs),
+    )
+    per_model = _CACHE.setdefault(model, {})
+    cached = per_model.get(signature)
+    if cached is None or not _fits(cached, inputs):
+        cached = per_model[signature] = _capture(model, inputs, in_keys, out_keys, frontend)
+    return cached, build_site_table(model, cached.graph_module, inputs, cached.site_keys)
+
+
+def _fits(capture: Capture, inputs: tuple) -> bool:
+    """A cached fx capture fits any shape; an export capture, shapes its guards accept."""
+    if capture.frontend == "fx":
+        return True
+    try:
+        with torch.no_grad():
+            capture.graph_module(*inputs)
+    except Exception:
+        return False
+    return True
+
+
+def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
+    start = time.perf_counter()
+    plan, eager = plan_call(model, in_keys, out_keys, inputs)
+    tapper = Tapper(model)
+    call = model_call(model, plan, on_enter=tapper.reset)
+    failures = []
+    for name in ("fx", "export") if frontend == "auto" else (frontend,):
+        try:
+            graph_module = _run_frontend(name, call, tapper, inputs)
+            _check_same_outputs(graph_module, inputs, eager, name)
+        except Exception as error:  # every front end's failure is reported, see below
+            failures.append((name, error))
+            continue
+        keys = {key.name: key for key in tapper.sites}
+        return Capture(graph_module, name, plan, keys, time.perf_counter() - start)
+    raise CaptureError(_failure_message(model, failures))
+
+
+def _run_frontend(name: str, call, tapper: Tapper, inputs: tuple) -> fx.GraphModule:
+    if name == "fx":
+        return trace_frontend.trace(call, tapper)
+    return export_frontend.export(call, tapper, inputs)
+
+
+def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
+    with torch.no_grad():
+        outputs = graph_module(*inputs)
+    for got, want in zip(outputs, eager):
+        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            raise CaptureError(f"the {frontend} graph does not reproduce the model's outputs on the example")
+
+
+def _failure_message(model, failures) -> str:
+    lines = [f"could not capture {type(model).__name__} as a graph:"]
+    for name, error in failures:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        lines.append(f"  {name}: {type(error).__name__}: {first}")
+    lines.append(
+        "  hint: the 'fx' front end needs Python code without branches on tensor values;"
+        " 'export' handles those but needs shapes it can reason about. Try the other front end"
+        " (frontend='export' or 'fx'), or move data-dependent code out of forward."
+    )
+    return "\n".join(lines)
+
+
+__all__ = ["Capture", "SiteInfo", "SiteTable", "capture", "key_name"]

@@ -1,0 +1,50 @@
+"""The resolved program: one intervention per concrete site, in program order.
+
+Resolution (`resolve.py`) turns each AST statement into `Intervention`s; the rewrite passes
+(`passes/`) read only these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tdhook_fx.capture.sites import SiteInfo
+from tdhook_fx.syntax import ast
+
+# A resolved tensor index: ints, slices (bounds may be runtime values), Ellipsis, runtime values.
+IndexItem = int | slice | type(Ellipsis) | ast.Var
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One statement applied at one site (a selector gives one per matched site)."""
+
+    statement: ast.Statement
+    site: SiteInfo
+    index: tuple[IndexItem, ...] | None = None
+    name: str | None = None  # save: the key under ("saved", name)
+
+    @property
+    def kind(self) -> str:
+        grad = getattr(self.statement, "grad", False)
+        return type(self.statement).__name__.lower() + ("_grad" if grad else "")
+
+    def describe(self) -> str:
+        """The statement as the user wrote it (canonically), with its place in the program."""
+        span = self.statement.span
+        where = f" (program:{span.line})" if span else ""
+        return f"{self.statement}{where}"
+
+
+@dataclass(frozen=True)
+class ResolvedProgram:
+    program: ast.Program
+    interventions: tuple[Intervention, ...]
+    runtime_names: tuple[str, ...]  # every $name, in order of first use
+    patch_sources: tuple[str, ...]  # input groups that patches read, e.g. ("patched",)
+    saved_names: tuple[str, ...] = field(default=())
+    text: str | None = None  # the program text, for located errors found while rewriting
+
+    @property
+    def stops(self) -> bool:
+        return any(i.kind == "stop" for i in self.interventions)

@@ -1,0 +1,107 @@
+"""Rewrite: captured graph + resolved program -> the rewritten graph module.
+
+Each statement kind has one small pass (a plain function over the `RewriteContext`); they run
+statement by statement in program order, so statements at one site apply in the order written.
+The graph is finished once at the end (outputs, taps removed, dead code eliminated, linted,
+recompiled): recompiling after every statement would cost more than the whole rewrite.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from torch import fx
+
+from tdhook_fx.capture import Capture
+from tdhook_fx.capture.taps import is_tap
+from tdhook_fx.ir import ResolvedProgram
+from tdhook_fx.passes.context import RewriteContext, fetch_attr, readable
+from tdhook_fx.passes.patch import insert_patch
+from tdhook_fx.passes.prune import insert_prune
+from tdhook_fx.passes.save import insert_save
+from tdhook_fx.passes.set_value import insert_set
+from tdhook_fx.passes.steer import insert_steer
+from tdhook_fx.passes.stop import insert_stop
+
+PASSES = {
+    "save": insert_save,
+    "set": insert_set,
+    "steer": insert_steer,
+    "patch": insert_patch,
+    "prune": insert_prune,
+    "stop": insert_stop,
+}
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    graph_module: fx.GraphModule
+    # the graph's inputs, in order: model inputs, then runtime values, then patch sources
+    runtime_names: tuple[str, ...]
+    source_inputs: tuple[tuple[str, int], ...]  # (source, in_key position) per source input
+    returns_model_outputs: bool
+    saved_names: tuple[str, ...]
+
+
+def rewrite(capture: Capture, resolved: ResolvedProgram) -> Rewritten:
+    ctx = RewriteContext(capture, resolved)
+    for intervention in resolved.interventions:
+        PASSES[intervention.kind](ctx, intervention)
+    return _finish(ctx)
+
+
+def _finish(ctx: RewriteContext) -> Rewritten:
+    graph = ctx.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    model_outputs = () if ctx.stopped else tuple(output.args[0])
+    saved_names = tuple(ctx.resolved.saved_names)
+    values = model_outputs + tuple(ctx.saved[name] for name in saved_names)
+    graph.erase_node(output)
+    graph.output(values)
+    _remove_taps(graph, ctx.original)
+    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.lint()
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            own = node.target in ctx.attributes
+            root[node.target] = ctx.attributes[node.target] if own else fetch_attr(ctx.capture.graph_module, node.target)
+    graph_module = fx.GraphModule(root, graph, class_name="Rewritten")
+    sources = tuple((source, i) for source, nodes in ctx.source_inputs.items() for i in range(len(nodes)))
+    return Rewritten(graph_module, tuple(ctx.runtime), sources, not ctx.stopped, saved_names)
+
+
+def _remove_taps(graph: fx.Graph, original: set[fx.Node]) -> None:
+    """Drop the taps; a model value each marked takes the site's name (the outermost module's)."""
+    named: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if not is_tap(node):
+            continue
+        value, site = node.args
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+        is_output = ":" not in site or ":out" in site
+        renamable = value in original and value.op in ("call_function", "call_method")
+        if renamable and (is_output or value not in named):
+            value._rename(readable(site))
+            named.add(value)
+
+
+_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def _is_impure(node: fx.Node) -> bool:
+    """Conservative: keep anything that may change state (fx-traced code can mutate in place)."""
+    if node.op in ("placeholder", "output", "call_module") or node.is_impure():
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        if node.target in _IN_PLACE:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return schema.is_mutable
+        return getattr(node.target, "__name__", "").endswith("_")
+    return False

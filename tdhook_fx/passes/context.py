@@ -1,0 +1,154 @@
+"""The state one rewrite shares between its passes: the graph and where each site's value is now."""
+
+from __future__ import annotations
+
+import operator
+import re
+from contextlib import contextmanager
+
+import torch
+from torch import fx
+
+from tdhook_fx.capture import Capture
+from tdhook_fx.capture.taps import is_tap
+from tdhook_fx.ir import Intervention, ResolvedProgram
+from tdhook_fx.passes import ops
+from tdhook_fx.syntax import ast
+
+_BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def readable(text: str) -> str:
+    """A node name that explains itself: 'steer', 'transformer.h.2.mlp' -> steer_transformer_h_2_mlp."""
+    return re.sub(r"\W+", "_", text).strip("_")
+
+
+def fetch_attr(root: torch.nn.Module, target: str):
+    """The attribute at dotted `target` under `root` (None if there is none)."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+class RewriteContext:
+    """A copy of the captured graph being rewritten, statement by statement, in program order.
+
+    `current[site]` is the node that holds the site's value after the statements so far; a
+    pass that changes a value inserts its nodes right after it and moves every later use of
+    the site onto the new node (`replace`).
+    """
+
+    def __init__(self, capture: Capture, resolved: ResolvedProgram):
+        self.capture = capture
+        self.resolved = resolved
+        self.graph = fx.Graph()
+        self.graph.output(self.graph.graph_copy(capture.graph_module.graph, {}))
+        self.original = set(self.graph.nodes)  # the model's own nodes (the rest are the passes')
+        self.current: dict[str, fx.Node] = {n.args[1]: n for n in self.graph.nodes if is_tap(n)}
+        self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.runtime: dict[str, fx.Node] = {}
+        for name in resolved.runtime_names:
+            self.runtime[name] = self.add_input(name)
+        self.saved: dict[str, fx.Node] = {}
+        self.attributes: dict[str, torch.Tensor] = {}  # new get_attr targets (masks)
+        self.source_inputs: dict[str, list[fx.Node]] = {}  # patch source -> its input placeholders
+        self.source_values: dict[str, dict[str, fx.Node]] = {}  # patch source -> site -> node
+        self.source_nodes: set[fx.Node] = set()  # the source runs' nodes (never intervened on)
+        self.stopped = False
+
+    # ---- graph building -----------------------------------------------------------------------
+
+    def add_input(self, name: str) -> fx.Node:
+        last = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        with self.graph.inserting_after(last):
+            return self.graph.placeholder(readable(name))
+
+    @contextmanager
+    def after_value(self, site: str):
+        """Insert new nodes, in order, right after the site's current value."""
+        with self.graph.inserting_before(self.current[site].next):
+            yield
+
+    def call(self, target, *args, name: str | None = None) -> fx.Node:
+        return self.graph.create_node("call_function", target, args, {}, name=readable(name) if name else None)
+
+    def method(self, method: str, *args) -> fx.Node:
+        return self.graph.create_node("call_method", method, args, {})
+
+    def replace(self, site: str, new: fx.Node, created: set[fx.Node]) -> None:
+        """Make `new` the site's value for everything downstream (except the nodes just made)."""
+        old = self.current[site]
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in created)
+        self.current[site] = new
+
+    def new_nodes(self):
+        """A recorder of the nodes made inside a `with` block: `with ctx.new_nodes() as made:`."""
+        return _NewNodes(self.graph)
+
+    # ---- values -------------------------------------------------------------------------------
+
+    def value(self, expr, region: fx.Node | None, intervention: Intervention):
+        """Nodes computing `expr` at a site whose (indexed) value is `region`."""
+        result = self._expr(expr, region)
+        if _has_runtime_value(expr):
+            site = intervention.site.name
+            result = self.call(ops.fit, result, region, intervention.describe(), site, name=f"fit_{site}")
+        return result
+
+    def _expr(self, expr, region):
+        if isinstance(expr, ast.Number):
+            return expr.value
+        if isinstance(expr, ast.Var):
+            return self.runtime[expr.name]
+        if isinstance(expr, ast.Saved):
+            return self.saved[expr.name]
+        if isinstance(expr, ast.Zeros):
+            return self.call(torch.zeros_like, region)
+        if isinstance(expr, ast.Mean):
+            return self.call(ops.batch_mean, region)
+        if isinstance(expr, ast.Neg):
+            operand = self._expr(expr.operand, region)
+            return -operand if isinstance(operand, (int, float)) else self.call(operator.neg, operand)
+        left, right = self._expr(expr.left, region), self._expr(expr.right, region)
+        if isinstance(left, (int, float)) and isinstance(right, (int, float)):
+            return _BINARY[expr.op](left, right)
+        return self.call(_BINARY[expr.op], left, right)
+
+    def index(self, index) -> tuple | None:
+        """A resolved tensor index with runtime values replaced by their input nodes."""
+        if index is None:
+            return None
+
+        def item(i):
+            if isinstance(i, ast.Var):
+                return self.runtime[i.name]
+            if isinstance(i, slice):
+                return slice(*(self.runtime[b.name] if isinstance(b, ast.Var) else b for b in (i.start, i.stop, i.step)))
+            return i
+
+        return tuple(item(i) for i in index)
+
+
+def _has_runtime_value(expr) -> bool:
+    if isinstance(expr, ast.Var):
+        return True
+    if isinstance(expr, ast.Neg):
+        return _has_runtime_value(expr.operand)
+    if isinstance(expr, ast.BinOp):
+        return _has_runtime_value(expr.left) or _has_runtime_value(expr.right)
+    return False
+
+
+class _NewNodes:
+    def __init__(self, graph: fx.Graph):
+        self.graph = graph
+        self.nodes: set[fx.Node] = set()
+
+    def __enter__(self):
+        self._before = set(self.graph.nodes)
+        return self.nodes
+
+    def __exit__(self, *exc):
+        self.nodes.update(n for n in self.graph.nodes if n not in self._before)
+        return False
