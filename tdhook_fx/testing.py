@@ -1,13 +1,19 @@
-"""Hypothesis strategies for tdhook_fx programs, public for users' own test suites.
+"""Hypothesis strategies for tdhook_fx programs, and the equivalence check, for any test suite.
 
-`programs()` draws any well-formed program (as an AST in canonical form, so
-`parse(str(p)) == p`); `program_texts()` draws its text.
+- `programs()` draws any well-formed program (an AST in canonical form, so
+  `parse(str(p)) == p`); `program_texts()` draws its text.
+- `programs_for(sites)` draws valid programs over one model's real sites (from
+  `tdhook_fx.sites(model, example=...)`), with the runtime values they need.
+- `assert_equivalent(model, program, example, ...)` compiles a program and checks every output
+  and saved value against the hook-based reference (`tdhook_fx.reference`).
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
+import torch
 from hypothesis import strategies as st
 
 from tdhook_fx.syntax import ast
@@ -134,3 +140,161 @@ def programs(max_statements: int = 6):
 def program_texts(max_statements: int = 6):
     """The canonical text of any well-formed program."""
     return programs(max_statements).map(str)
+
+
+# ---- programs over a model's real sites -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DrawnProgram:
+    """A valid program over a model's sites, and the runtime values it needs."""
+
+    text: str
+    values: dict = field(default_factory=dict)
+    patches: bool = False
+
+    def __repr__(self) -> str:
+        shapes = {k: tuple(v.shape) for k, v in self.values.items()}
+        return f"DrawnProgram(\n{self.text}\n, values={shapes})"
+
+
+def _index_for(draw, shape) -> str:
+    """A valid tensor index for `shape`, written in the DSL (or '' for none)."""
+    if not shape or not draw(st.booleans()):
+        return ""
+    dim = draw(st.integers(0, len(shape) - 1))
+    size = shape[dim]
+    if draw(st.booleans()):
+        entry = str(draw(st.integers(-size, size - 1)))
+    else:
+        start = draw(st.integers(0, size - 1))
+        entry = f"{start}:{draw(st.integers(start + 1, size))}"
+    if dim == len(shape) - 1 and len(shape) > 1:
+        return f"[..., {entry}]"
+    return "[" + ", ".join([":"] * dim + [entry]) + (", ..." if dim < len(shape) - 1 else "") + "]"
+
+
+def _region(shape, index_text: str):
+    if not index_text:
+        return tuple(shape)
+    items = []
+    for part in index_text[1:-1].split(", "):
+        if part == "...":
+            items.append(Ellipsis)
+        elif part == ":":
+            items.append(slice(None))
+        elif ":" in part:
+            a, b = part.split(":")
+            items.append(slice(int(a), int(b)))
+        else:
+            items.append(int(part))
+    return tuple(torch.empty(shape, device="meta")[tuple(items)].shape)
+
+
+@st.composite
+def programs_for(draw, sites, max_statements: int = 5, allow_patch: bool = True, seed_values: int = 0) -> DrawnProgram:
+    """A valid program over `sites` (a `tdhook_fx.sites(...)` table), with its runtime values.
+
+    Draws save / set / steer / patch / prune statements and at most one final stop, each over
+    a real site with indices and values that fit its shape.
+    """
+    activations = sorted((s for s in sites if s.is_activation and s.eager), key=lambda s: s.order)
+    floats = [s for s in activations if s.dtype.is_floating_point and s.shape]
+    parameters = [s for s in sites if s.kind == "param" and s.dtype.is_floating_point and s.shape]
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)) + seed_values)
+    lines: list[str] = []
+    values: dict[str, torch.Tensor] = {}
+    saved: list[tuple[str, object, tuple]] = []  # (name, site, shape)
+    patches = False
+    count = draw(st.integers(1, max_statements))
+    kinds = ["save", "set", "steer", "prune"] + (["patch"] if allow_patch else [])
+    for number in range(count):
+        kind = draw(st.sampled_from(kinds)) if floats else "save"
+        if kind == "prune" and parameters:
+            site = draw(st.sampled_from(parameters))
+            amount = draw(st.sampled_from([f"{draw(st.integers(0, 100))}%", str(draw(st.integers(0, min(5, _numel(site.shape)))))]))
+            criterion = draw(st.sampled_from(["", " by magnitude", f" by random({draw(st.integers(0, 99))})"]))
+            along = f" along {draw(st.integers(0, len(site.shape) - 1))}" if len(site.shape) > 1 and draw(st.booleans()) else ""
+            if along and not amount.endswith("%"):
+                amount = str(min(int(amount), site.shape[int(along.split()[-1])]))
+            lines.append(f"prune {site.name} {amount}{criterion}{along}")
+            continue
+        site = draw(st.sampled_from(floats if kind != "save" else activations))
+        index = _index_for(draw, site.shape)
+        region = _region(site.shape, index)
+        if kind == "save":
+            name = f"s{number}"
+            lines.append(f"save {site.name}{index} as {name}")
+            saved.append((name, site, region))
+            continue
+        if kind == "patch":
+            patches = True
+            lines.append(f"patch {site.name}{index}")
+            continue
+        value = draw(_values(site, region, saved, values, generator, f"v{number}"))
+        op = "=" if kind == "set" else draw(st.sampled_from(["+=", "-=", "*="]))
+        lines.append(f"{kind} {site.name}{index} {op} {value}")
+    if draw(st.booleans()):
+        last = max((s for s in activations if any(_mentions(l, s.name) for l in lines)), key=lambda s: s.order, default=None)
+        if last is not None:
+            lines.append(f"stop {last.name}")
+    return DrawnProgram("\n".join(lines), values, patches)
+
+
+def _mentions(line: str, name: str) -> bool:
+    words = line.split()
+    return len(words) > 1 and words[0] != "prune" and words[1].split("[")[0] == name
+
+
+@st.composite
+def _values(draw, site, region, saved, values, generator, var_name) -> str:
+    options = ["number", "zeros", "mean", "var"]
+    earlier = [name for name, other, shape in saved if other.order <= site.order and _fits(shape, region) and other.dtype == site.dtype]
+    if earlier:
+        options.append("saved")
+    choice = draw(st.sampled_from(options))
+    if choice == "number":
+        return repr(draw(st.sampled_from([0, 1, 2, 0.5, 1.5, 3.25])))
+    if choice == "zeros":
+        return draw(st.sampled_from(["zeros", "zeros + 1"]))
+    if choice == "mean":
+        return "mean"
+    if choice == "saved":
+        return "@" + draw(st.sampled_from(earlier)) + draw(st.sampled_from(["", " * 0.5"]))
+    shape = draw(st.sampled_from([(), region[-1:] if region else ()]))
+    values[var_name] = torch.randn(shape, generator=generator)
+    return f"${var_name}" + draw(st.sampled_from(["", " * 2", " - 1"]))
+
+
+def _fits(shape, region) -> bool:
+    try:
+        return tuple(torch.broadcast_shapes(shape, region)) == tuple(region)
+    except RuntimeError:
+        return False
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def assert_equivalent(model, program: str, example, *, in_keys=None, out_keys=None, values=None, sources=None, rtol=1e-5, atol=1e-5):
+    """Compile `program` and check outputs and saved values against the hook reference."""
+    import tdhook_fx
+    from tdhook_fx import reference
+
+    compiled = tdhook_fx.compile(model, program, example=example, in_keys=in_keys, out_keys=out_keys)
+    if values:
+        compiled.bind(**values)
+    inputs = tuple(example.get(k) for k in compiled.in_keys)
+    source_inputs = {name: tuple(given) for name, given in (sources or {}).items()}
+    got = compiled(*inputs, **source_inputs)
+    want = reference.run(model, program, inputs, in_keys=in_keys, out_keys=out_keys, values=values, sources=sources)
+    flat = {k: v for k, v in got.items() if k != "saved"}
+    flat.update({("saved", k): v for k, v in got.get("saved", {}).items()})
+    assert set(flat) == set(want), f"compiled returns {sorted(map(str, flat))}, reference {sorted(map(str, want))}"
+    for key, expected in want.items():
+        torch.testing.assert_close(flat[key], expected, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}\nprogram:\n{program}")
+    return compiled

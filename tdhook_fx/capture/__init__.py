@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import fx, nn
@@ -15,6 +16,7 @@ from tdhook_fx.capture.adapter import CallPlan, key_name, model_call, plan_call
 from tdhook_fx.capture.sites import SiteInfo, SiteTable, build_site_table
 from tdhook_fx.capture.taps import SiteKey, Tapper
 from tdhook_fx.errors import CaptureError
+from tdhook_fx.graphs import mutates
 
 FRONTENDS = ("auto", "fx", "export")
 
@@ -27,7 +29,13 @@ class Capture:
     frontend: str  # "fx" or "export"
     plan: CallPlan
     site_keys: dict[str, SiteKey]  # tap name -> where it is
+    eager_sites: frozenset[str]  # the sites that the eager model also produces
     seconds: float  # how long capturing took
+
+    @cached_property
+    def mutates(self) -> bool:
+        """Whether the graph changes tensors in place (so a saved value must be copied)."""
+        return any(mutates(node, self.graph_module) for node in self.graph_module.graph.nodes)
 
 
 _CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -54,7 +62,7 @@ def capture(
     cached = per_model.get(signature)
     if cached is None or not _fits(cached, inputs):
         cached = per_model[signature] = _capture(model, inputs, in_keys, out_keys, frontend)
-    return cached, build_site_table(model, cached.graph_module, inputs, cached.site_keys)
+    return cached, build_site_table(model, cached.graph_module, inputs, cached.site_keys, cached.eager_sites)
 
 
 def _fits(capture: Capture, inputs: tuple) -> bool:
@@ -71,7 +79,9 @@ def _fits(capture: Capture, inputs: tuple) -> bool:
 
 def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
     start = time.perf_counter()
-    plan, eager = plan_call(model, in_keys, out_keys, inputs)
+    with Tapper(model, mark=False).hooks() as eager_tapper:
+        plan, eager = plan_call(model, in_keys, out_keys, inputs)
+    eager_sites = frozenset(key.name for key in eager_tapper.sites)
     tapper = Tapper(model)
     call = model_call(model, plan, on_enter=tapper.reset)
     failures = []
@@ -83,7 +93,7 @@ def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
             failures.append((name, error))
             continue
         keys = {key.name: key for key in tapper.sites}
-        return Capture(graph_module, name, plan, keys, time.perf_counter() - start)
+        return Capture(graph_module, name, plan, keys, eager_sites, time.perf_counter() - start)
     raise CaptureError(_failure_message(model, failures))
 
 

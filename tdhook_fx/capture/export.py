@@ -32,35 +32,14 @@ def widen(x: torch.Tensor) -> torch.Tensor:
 
 def export(call: ModelCall, tapper: Tapper, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     """Export `call` on `inputs` with taps; returns a plain GraphModule (flat inputs/outputs)."""
-    handles = []
-    for module in tapper.names:
-        handles.append(module.register_forward_pre_hook(_pre_hook(tapper), with_kwargs=True))
-        handles.append(module.register_forward_hook(_post_hook(tapper), always_call=False))
-    try:
+    with tapper.hooks():
         program = torch.export.export(
             call,
             tuple(widen(x) for x in inputs),
             dynamic_shapes=tuple(dynamic_dims(x) for x in inputs),
             strict=False,
         )
-    finally:
-        for handle in handles:
-            handle.remove()
     unlifted = program.module()
     graph = unlifted.graph
     graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat tuple out, no pytree specs
     return fx.GraphModule(unlifted, graph)
-
-
-def _pre_hook(tapper: Tapper):
-    def hook(module, args, kwargs):
-        return tapper.enter(module, args, kwargs)
-
-    return hook
-
-
-def _post_hook(tapper: Tapper):
-    def hook(module, args, output):
-        return tapper.exit(module, output)
-
-    return hook

@@ -22,6 +22,7 @@ class SiteInfo:
     shape: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
     order: int = 0  # position of the value in the captured graph (execution order)
+    eager: bool = True  # False: only the traced model has it (e.g. a mask HF builds when traced)
 
     @property
     def is_activation(self) -> bool:
@@ -29,7 +30,8 @@ class SiteInfo:
 
     def describe(self) -> str:
         shape = "x".join(map(str, self.shape)) or "scalar"
-        return f"{self.name} ({self.kind}, {shape}, {str(self.dtype).removeprefix('torch.')})"
+        traced = ", traced only" if not self.eager else ""
+        return f"{self.name} ({self.kind}, {shape}, {str(self.dtype).removeprefix('torch.')}{traced})"
 
 
 class SiteTable:
@@ -68,11 +70,12 @@ class SiteTable:
 
 
 def build_site_table(
-    model: nn.Module, graph_module: fx.GraphModule, inputs: tuple, keys: dict[str, SiteKey]
+    model: nn.Module, graph_module: fx.GraphModule, inputs: tuple, keys: dict[str, SiteKey], eager: frozenset[str]
 ) -> SiteTable:
     """Run the tapped graph once on `inputs` and record every site's shape, dtype and order.
 
-    `keys` maps each tap's site name to where it is (as the `Tapper` recorded it).
+    `keys` maps each tap's site name to where it is (as the `Tapper` recorded it); `eager`
+    names the sites that the eager model produces too.
     """
     values = _record_taps(graph_module, inputs)
     order = {n.args[1]: i for i, n in enumerate(graph_module.graph.nodes) if is_tap(n)}
@@ -80,7 +83,9 @@ def build_site_table(
     for name, value in values.items():
         key = keys[name]
         sites.append(
-            SiteInfo(name, key.module, key.kind, key.item, key.call, tuple(value.shape), value.dtype, order[name])
+            SiteInfo(
+                name, key.module, key.kind, key.item, key.call, tuple(value.shape), value.dtype, order[name], name in eager
+            )
         )
     for name, parameter in model.named_parameters(remove_duplicate=False):
         module, _, attribute = name.rpartition(".")

@@ -9,6 +9,7 @@ remove them at the end, so the final graph computes exactly what the model compu
 from __future__ import annotations
 
 import inspect
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -55,9 +56,13 @@ def _is_tensor(value) -> bool:
 
 
 class Tapper:
-    """Taps the inputs and outputs of every named module of `model` during one trace."""
+    """Taps the inputs and outputs of every named module of `model` during one trace.
 
-    def __init__(self, model: nn.Module):
+    With `mark=False` it only records which sites a run produces (used on the eager run).
+    """
+
+    def __init__(self, model: nn.Module, mark: bool = True):
+        self.mark = mark
         self.names = {module: name for name, module in model.named_modules() if name}
         self.sites: list[SiteKey] = []
         self._calls: dict[str, int] = {}
@@ -71,7 +76,20 @@ class Tapper:
 
     def _tap(self, value, key: SiteKey):
         self.sites.append(key)
-        return tap(value, key.name)
+        return tap(value, key.name) if self.mark else value
+
+    @contextmanager
+    def hooks(self):
+        """Tap through temporary forward (pre-)hooks on every named module (removed on exit)."""
+        handles = []
+        for module in self.names:
+            handles.append(module.register_forward_pre_hook(self.enter, with_kwargs=True))
+            handles.append(module.register_forward_hook(lambda m, args, out: self.exit(m, out)))
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         name = self.names.get(module)

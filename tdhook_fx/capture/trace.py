@@ -1,7 +1,9 @@
-"""Front end 1: `torch.fx` symbolic tracing, through every module (no leaf modules).
+"""Front end 1: `torch.fx` symbolic tracing.
 
 Fast and shape-agnostic, but only for models whose Python code does not branch on tensor
-values or shapes. Module boundaries are tapped by the tracer itself.
+values or shapes. Module boundaries are tapped by the tracer itself. Built-in torch.nn modules
+without children (Linear, Conv2d, BatchNorm2d, ReLU ...) stay whole, as `call_module` nodes
+(their forward checks shapes in Python); everything else is traced through.
 """
 
 from __future__ import annotations
@@ -12,13 +14,19 @@ from tdhook_fx.capture.adapter import ModelCall
 from tdhook_fx.capture.taps import Tapper
 
 
+def is_builtin_leaf(module: nn.Module) -> bool:
+    """A torch.nn module with no children that returns one tensor (RNNs return tuples)."""
+    builtin = type(module).__module__.startswith(("torch.nn.", "torch.ao.nn."))
+    return builtin and not any(True for _ in module.children()) and not isinstance(module, nn.RNNBase)
+
+
 class _TappingTracer(fx.Tracer):
     def __init__(self, tapper: Tapper):
         super().__init__()
         self.tapper = tapper
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return False
+        return is_builtin_leaf(m)
 
     def call_module(self, m, forward, args, kwargs):
         args, kwargs = self.tapper.enter(m, args, kwargs)

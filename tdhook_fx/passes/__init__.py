@@ -8,7 +8,6 @@ recompiled): recompiling after every statement would cost more than the whole re
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 from torch import fx
@@ -16,7 +15,8 @@ from torch import fx
 from tdhook_fx.capture import Capture
 from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.ir import ResolvedProgram
-from tdhook_fx.passes.context import RewriteContext, fetch_attr, readable
+from tdhook_fx.graphs import fetch_attr, is_impure, readable
+from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.passes.patch import insert_patch
 from tdhook_fx.passes.prune import insert_prune
 from tdhook_fx.passes.save import insert_save
@@ -60,7 +60,7 @@ def _finish(ctx: RewriteContext) -> Rewritten:
     graph.erase_node(output)
     graph.output(values)
     _remove_taps(graph, ctx.original)
-    graph.eliminate_dead_code(is_impure_node=_is_impure)
+    graph.eliminate_dead_code(is_impure_node=is_impure)
     graph.lint()
     root = {}
     for node in graph.nodes:
@@ -82,26 +82,7 @@ def _remove_taps(graph: fx.Graph, original: set[fx.Node]) -> None:
         node.replace_all_uses_with(value)
         graph.erase_node(node)
         is_output = ":" not in site or ":out" in site
-        renamable = value in original and value.op in ("call_function", "call_method")
+        renamable = value in original and value.op in ("call_function", "call_method", "call_module")
         if renamable and (is_output or value not in named):
             value._rename(readable(site))
             named.add(value)
-
-
-_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
-
-
-def _is_impure(node: fx.Node) -> bool:
-    """Conservative: keep anything that may change state (fx-traced code can mutate in place)."""
-    if node.op in ("placeholder", "output", "call_module") or node.is_impure():
-        return True
-    if node.op == "call_method":
-        return node.target.endswith("_")
-    if node.op == "call_function":
-        if node.target in _IN_PLACE:
-            return True
-        schema = getattr(node.target, "_schema", None)
-        if schema is not None:
-            return schema.is_mutable
-        return getattr(node.target, "__name__", "").endswith("_")
-    return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import operator
-import re
 from contextlib import contextmanager
 
 import torch
@@ -11,24 +10,12 @@ from torch import fx
 
 from tdhook_fx.capture import Capture
 from tdhook_fx.capture.taps import is_tap
+from tdhook_fx.graphs import readable
 from tdhook_fx.ir import Intervention, ResolvedProgram
 from tdhook_fx.passes import ops
 from tdhook_fx.syntax import ast
 
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-
-
-def readable(text: str) -> str:
-    """A node name that explains itself: 'steer', 'transformer.h.2.mlp' -> steer_transformer_h_2_mlp."""
-    return re.sub(r"\W+", "_", text).strip("_")
-
-
-def fetch_attr(root: torch.nn.Module, target: str):
-    """The attribute at dotted `target` under `root` (None if there is none)."""
-    value = root
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return value
 
 
 class RewriteContext:
@@ -51,6 +38,7 @@ class RewriteContext:
         for name in resolved.runtime_names:
             self.runtime[name] = self.add_input(name)
         self.saved: dict[str, fx.Node] = {}
+        self.pinned: set[fx.Node] = set()  # nodes that read a value as it was (saves): never rewired
         self.attributes: dict[str, torch.Tensor] = {}  # new get_attr targets (masks)
         self.source_inputs: dict[str, list[fx.Node]] = {}  # patch source -> its input placeholders
         self.source_values: dict[str, dict[str, fx.Node]] = {}  # patch source -> site -> node
@@ -79,7 +67,7 @@ class RewriteContext:
     def replace(self, site: str, new: fx.Node, created: set[fx.Node]) -> None:
         """Make `new` the site's value for everything downstream (except the nodes just made)."""
         old = self.current[site]
-        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in created)
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in created and user not in self.pinned)
         self.current[site] = new
 
     def new_nodes(self):

@@ -16,7 +16,8 @@ from torch import fx
 from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.ir import Intervention
 from tdhook_fx.passes import ops
-from tdhook_fx.passes.context import RewriteContext, fetch_attr, readable
+from tdhook_fx.graphs import fetch_attr, readable
+from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.passes.masks import magnitude_mask, random_mask
 from tdhook_fx.syntax import ast
 
@@ -24,27 +25,61 @@ from tdhook_fx.syntax import ast
 def insert_prune(ctx: RewriteContext, intervention: Intervention) -> None:
     statement: ast.Prune = intervention.statement
     site = intervention.site
-    parameter = _parameter(ctx, site.name)
+    parameter = fetch_attr(ctx.capture.graph_module, f"model.{site.name}")  # as the graph holds it
     uses = _uses(ctx, parameter, site.module)
-    if not uses:
+    calls = _module_calls(ctx, site.module)
+    if not uses and not calls:
         message = f"{site.name} is not used by {site.module or 'the model'}'s forward on the example"
         raise ResolutionError([Diagnostic(statement.span, message)], ctx.resolved.text)
     amount = statement.amount.value / 100 if statement.amount.percent else statement.amount.value
-    name = f"prune_mask_{readable(site.name)}"
-    first = min(uses, key=lambda use: _position(ctx.graph, use[0]))[0]
+    name = _unused(ctx, f"prune_mask_{readable(site.name)}")
+    first = min([use for use, _ in uses] + calls, key=lambda node: _position(ctx.graph, node))
     with ctx.graph.inserting_before(first):
         if isinstance(statement.criterion, ast.Importance):
             scores = ctx.runtime[statement.criterion.var.name]
-            weight = uses[0][0].args[uses[0][1]]
+            weight = ctx.graph.get_attr(f"model.{site.name}")
             mask = ctx.call(ops.importance_mask, scores, weight, amount, statement.dim, name=name)
         else:
             ctx.attributes[name] = _mask(parameter.detach(), amount, statement)
             mask = ctx.graph.get_attr(name)
     for user, position in uses:
-        weight = user.args[position]
         with ctx.graph.inserting_before(user):
-            masked = ctx.call(operator.mul, weight, mask, name=f"pruned_{site.name}")
+            masked = ctx.call(operator.mul, user.args[position], mask, name=f"pruned_{site.name}")
+        masked.meta["nn_module_stack"] = user.meta.get("nn_module_stack", {})  # a later prune finds it
         user.update_arg(position, masked)
+    for call in calls:
+        _call_with_masked(ctx, call, site.item, mask)
+
+
+def _module_calls(ctx: RewriteContext, owner: str) -> list[fx.Node]:
+    """Calls of the owner module kept whole (fx leaves), as `call_module` or already functional."""
+    target = f"model.{owner}" if owner else "model"
+    return [
+        node
+        for node in ctx.graph.nodes
+        if node not in ctx.source_nodes
+        and (
+            (node.op == "call_module" and node.target == target)
+            or (node.target is torch.func.functional_call and node.args[0].target == target)
+        )
+    ]
+
+
+def _call_with_masked(ctx: RewriteContext, call: fx.Node, attribute: str, mask: fx.Node) -> None:
+    """Run a whole-module call with one parameter masked: torch.func.functional_call."""
+    with ctx.graph.inserting_before(call):
+        if call.op == "call_module":
+            module = ctx.graph.get_attr(call.target)
+            overrides, args, kwargs = {}, call.args, call.kwargs
+        else:
+            module, overrides, args, kwargs = call.args
+            overrides = dict(overrides)
+        weight = overrides.get(attribute) or ctx.graph.get_attr(f"{module.target}.{attribute}")
+        overrides[attribute] = ctx.call(operator.mul, weight, mask, name=f"pruned_{module.target}.{attribute}")
+        new = ctx.call(torch.func.functional_call, module, overrides, tuple(args), dict(kwargs), name=call.name)
+    call.replace_all_uses_with(new)
+    ctx.graph.erase_node(call)
+    ctx.original.add(new)  # still the model's own value (named after its site later)
 
 
 def _mask(weight: torch.Tensor, amount, statement: ast.Prune) -> torch.Tensor:
@@ -52,11 +87,6 @@ def _mask(weight: torch.Tensor, amount, statement: ast.Prune) -> torch.Tensor:
     if isinstance(criterion, ast.Random):
         return random_mask(weight, amount, statement.dim, criterion.seed)
     return magnitude_mask(weight, amount, statement.dim)
-
-
-def _parameter(ctx: RewriteContext, name: str) -> torch.Tensor:
-    """The parameter as the captured graph holds it (the model sits at `model.` in both front ends)."""
-    return fetch_attr(ctx.capture.graph_module, f"model.{name}")
 
 
 def _uses(ctx: RewriteContext, parameter: torch.Tensor, owner: str) -> list[tuple[fx.Node, int]]:
@@ -82,6 +112,15 @@ def _inside(node: fx.Node, qualname: str) -> bool:
     if qualname == "model":
         return True
     return any(n == qualname or n.startswith(qualname + "@") for n in names)
+
+
+def _unused(ctx: RewriteContext, name: str) -> str:
+    """`name`, or `name_2`, `name_3` ... if a mask of that name exists already."""
+    candidate, number = name, 1
+    while candidate in ctx.attributes or any(n.name == candidate for n in ctx.graph.nodes):
+        number += 1
+        candidate = f"{name}_{number}"
+    return candidate
 
 
 def _position(graph: fx.Graph, node: fx.Node) -> int:

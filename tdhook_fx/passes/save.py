@@ -11,7 +11,10 @@ from tdhook_fx.passes.context import RewriteContext
 def insert_save(ctx: RewriteContext, intervention: Intervention) -> None:
     site = intervention.site.name
     value = ctx.current[site]
-    if intervention.index is not None:
-        with ctx.after_value(site):
+    with ctx.after_value(site), ctx.new_nodes() as made:
+        if intervention.index is not None:
             value = ctx.call(operator.getitem, value, ctx.index(intervention.index), name=f"save_{intervention.name}")
+        if ctx.capture.mutates:  # the model may change this tensor in place further on
+            value = ctx.method("clone", value)
     ctx.saved[intervention.name] = value
+    ctx.pinned |= made

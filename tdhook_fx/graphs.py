@@ -1,0 +1,50 @@
+"""Small facts about fx graphs that several stages need."""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+from torch import fx
+
+_IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+
+
+def readable(text: str) -> str:
+    """A node name that explains itself: 'steer', 'transformer.h.2.mlp' -> steer_transformer_h_2_mlp."""
+    return re.sub(r"\W+", "_", text).strip("_")
+
+
+def fetch_attr(root: torch.nn.Module, target: str):
+    """The attribute at dotted `target` under `root` (None if there is none)."""
+    value = root
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return value
+
+
+def mutates(node: fx.Node, root: torch.nn.Module | None = None) -> bool:
+    """Whether `node` may change a tensor in place (fx-traced code can; exported graphs do not).
+
+    `root` (the graph's module) lets whole-module calls be checked (`nn.ReLU(inplace=True)`).
+    """
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_module":
+        return root is not None and getattr(fetch_attr(root, node.target), "inplace", False) is True
+    if node.op == "call_method":
+        return node.target.endswith("_")
+    if node.op == "call_function":
+        if node.target in _IN_PLACE:
+            return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None:
+            return schema.is_mutable
+        return getattr(node.target, "__name__", "").endswith("_")
+    return False
+
+
+def is_impure(node: fx.Node) -> bool:
+    """Conservative purity for dead code elimination: keep anything with effects."""
+    return node.op in ("placeholder", "output", "call_module") or node.is_impure() or mutates(node)

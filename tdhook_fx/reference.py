@@ -1,0 +1,371 @@
+"""The oracle: the same program semantics, done with plain forward hooks on the eager model.
+
+Independent of the compiler by construction: it walks the module tree with Python indexing,
+applies each statement inside forward (pre-)hooks in program order, computes pruning masks
+with `torch.nn.utils.prune`, and runs patch sources as separate forwards. Tests compare
+`tdhook_fx.compile(...)` against `run(...)`; users can do the same in their own suites.
+
+Semantics shared with the compiler (the contract both implement):
+- a site's value is a module's output (`:out`, `:out.N`) or input (`:in.N`, `:in.NAME`) on
+  its N-th call (`@N`, default the first);
+- statements at one site apply in program order; `save` records the value at that point;
+- runtime values (`$name`) are cast to the site's dtype; `zeros`/`mean` are shaped like the
+  (indexed) site value, `mean` averaging over the batch;
+- `patch` takes the value the site has when the unmodified model runs on the source inputs;
+- `prune` masks a parameter only inside its owning module's forward;
+- `stop` ends the forward right after the site; then only saved values are returned.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections import defaultdict
+
+import torch
+import torch.nn.utils.prune as torch_prune
+from tensordict import TensorDictBase
+from torch import nn
+
+from tdhook_fx.capture.adapter import key_name, plan_call
+from tdhook_fx.resolve import DEFAULT_PATCH_SOURCE
+from tdhook_fx.syntax import ast
+from tdhook_fx.syntax.parse import parse
+
+
+class _Stopped(Exception):
+    pass
+
+
+def run(model: nn.Module, program, inputs, *, in_keys=None, out_keys=None, values=None, sources=None) -> dict:
+    """Run `program` on `model` with hooks; returns {out_key: tensor, ("saved", name): tensor}.
+
+    `inputs`: a TensorDict (runtime values and patch sources read from it as the compiled
+    module reads them) or a tuple of input tensors. `values`: runtime values by name (they
+    override the TensorDict's). `sources`: {source: tuple of input tensors} for patches.
+    """
+    in_keys = list(in_keys or ["input"])
+    out_keys = list(out_keys or ["output"])
+    program = parse(program) if isinstance(program, str) else program
+    values = dict(values or {})
+    sources = dict(sources or {})
+    if isinstance(inputs, TensorDictBase):
+        td = inputs
+        inputs = tuple(td.get(k) for k in in_keys)
+        for name in ast.variables(program):
+            if name not in values and td.get(name, None) is not None:
+                values[name] = td.get(name)
+        for statement in program.statements:
+            if isinstance(statement, ast.Patch):
+                source = statement.source or DEFAULT_PATCH_SOURCE
+                sources.setdefault(source, tuple(td.get((source, k)) for k in in_keys))
+    inputs = tuple(inputs)
+    plan, _ = plan_call(model, in_keys, out_keys, inputs)
+    runner = _Runner(model, program, values)
+    for source, source_inputs in sources.items():
+        runner.patch_values[source] = runner.record_patch_sites(plan, source, tuple(source_inputs))
+    return runner.run(plan, inputs)
+
+
+class _Runner:
+    def __init__(self, model: nn.Module, program: ast.Program, values: dict):
+        self.model = model
+        self.program = program
+        self.values = {k: torch.as_tensor(v) for k, v in values.items()}
+        self.modules = dict(model.named_modules())
+        self.names = {m: n for n, m in model.named_modules()}
+        self.patch_values: dict[str, dict] = {}
+
+    # ---- which module a path names ------------------------------------------------------------
+
+    def modules_for(self, path) -> list[tuple[str, ast.Index | None]]:
+        if isinstance(path, ast.RegexPath):
+            return [(n, None) for n in self.modules if n and re.search(path.pattern, n)]
+        current = [(self.model, None)]
+        for position, segment in enumerate(path.segments):
+            last = position == len(path.segments) - 1
+            following = []
+            for module, _ in current:
+                if isinstance(segment, ast.Attr):
+                    following.append((getattr(module, segment.name), None))
+                elif isinstance(segment, ast.AnyAttr):
+                    following.extend((child, None) for child in module.children())
+                elif isinstance(segment, ast.AttrSet):
+                    following.extend((getattr(module, n), None) for n in segment.names)
+                elif isinstance(module, (nn.ModuleList, nn.Sequential)):
+                    following.extend((child, None) for child in _pick(module, segment.entries[0]))
+                else:
+                    assert last, "a tensor index ends a site"
+                    following.append((module, segment))
+            current = following
+        return [(self.names[m], index) for m, index in current]
+
+    # ---- hooks ----------------------------------------------------------------------------------
+
+    def plan_hooks(self, statements) -> dict:
+        """(module name, call, kind) -> [(statement, port item, tensor index)] in program order."""
+        plan = defaultdict(list)
+        for statement in statements:
+            if isinstance(statement, ast.Prune):
+                continue
+            site = statement.site
+            kind = site.port.kind if site.port else "out"
+            item = site.port.item if site.port else None
+            for module, path_index in self.modules_for(site.path):
+                index = path_index if path_index is not None else site.index
+                plan[(module, site.call or 0, kind)].append((statement, item, index))
+        return plan
+
+    def record_patch_sites(self, plan, source: str, inputs) -> dict:
+        wanted = [s for s in self.program.statements if isinstance(s, ast.Patch) and (s.source or DEFAULT_PATCH_SOURCE) == source]
+        hooks = self.plan_hooks([ast.Save(s.site, None) for s in wanted])
+        recorder = _Recorder(self, hooks, record_only=True)
+        recorder.forward(plan, inputs)
+        return recorder.saved
+
+    def run(self, plan, inputs) -> dict:
+        hooks = self.plan_hooks(self.program.statements)
+        runner = _Recorder(self, hooks, record_only=False)
+        prunes = [s for s in self.program.statements if isinstance(s, ast.Prune)]
+        with _pruned(self, prunes):
+            outputs = runner.forward(plan, inputs)
+        result = {} if runner.stopped else dict(zip(map(key_name, plan.out_keys), outputs))
+        for name, value in runner.saved.items():
+            result[("saved", name)] = value
+        return result
+
+
+class _Recorder:
+    """One forward with hooks that apply (or, for patch sources, only record) statements."""
+
+    def __init__(self, runner: _Runner, hooks: dict, record_only: bool):
+        self.runner = runner
+        self.hooks = hooks
+        self.record_only = record_only
+        self.saved: dict = {}
+        self.calls: dict[str, int] = defaultdict(int)
+        self.stopped = False
+
+    def forward(self, plan, inputs):
+        handles = []
+        wanted = {module for module, _, _ in self.hooks}
+        for name in wanted:
+            module = self.runner.modules[name]
+            handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._post(name), with_kwargs=True))
+        try:
+            with torch.no_grad():
+                return plan.call(self.runner.model, inputs)
+        except _Stopped:
+            self.stopped = True
+            return None
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _pre(self, name):
+        def hook(module, args, kwargs):
+            call = self.calls[name]
+            self.calls[name] += 1
+            statements = self.hooks.get((name, call, "in"), [])
+            if not statements:
+                return None
+            label = name + (f"@{call}" if call else "")
+            args, kwargs = list(args), dict(kwargs)
+            names = _parameter_names(module)
+            tensors = [(("args", i), names[i] if i < len(names) else i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+            tensors += [(("kwargs", k), k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+            for statement, item, index in statements:
+                if item is None:
+                    chosen = tensors if isinstance(statement, ast.Save) and len(tensors) > 1 else tensors[:1]
+                elif isinstance(item, int):
+                    chosen = [tensors[item]]
+                else:
+                    chosen = [t for t in tensors if t[1] == item]
+                for (where, key), port in chosen:
+                    container = args if where == "args" else kwargs
+                    site = f"{label}:in.{port}"
+                    container[key] = self.apply(statement, container[key], index, site)
+            return tuple(args), kwargs
+
+        return hook
+
+    def _post(self, name):
+        def hook(module, args, kwargs, output):
+            call = self.calls[name] - 1
+            statements = self.hooks.get((name, call, "out"), [])
+            label = name + (f"@{call}" if call else "")
+            for statement, item, index in statements:
+                if isinstance(output, torch.Tensor) and item is None:
+                    output = self.apply(statement, output, index, label)
+                    continue
+                elements = output if isinstance(output, dict) else dict(enumerate(output))
+                keys = [item] if item is not None else [k for k, v in elements.items() if isinstance(v, torch.Tensor)]
+                if item is None and not isinstance(statement, ast.Save):
+                    keys = keys[:1]
+                replaced = dict(elements)
+                for key in keys:
+                    replaced[key] = self.apply(statement, elements[key], index, f"{label}:out.{key}")
+                output = _rebuild(output, replaced)
+            return output
+
+        return hook
+
+    # ---- one statement on one value -------------------------------------------------------------
+
+    def apply(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
+        if self.record_only:  # a patch source run: remember the site's whole value
+            self.saved[site] = value.clone()
+            return value
+        index = self._index(index)
+        if isinstance(statement, ast.Save):
+            name = statement.name or site
+            self.saved[name] = (value if index is None else value[index]).clone()
+            return value
+        if isinstance(statement, ast.Stop):
+            raise _Stopped
+        region = value if index is None else value[index]
+        if isinstance(statement, ast.Patch):
+            source = statement.source or DEFAULT_PATCH_SOURCE
+            patched = self.runner.patch_values[source][site]
+            new_region = (patched if index is None else patched[index]).to(value.dtype)
+        else:
+            operand = self._eval(statement.value, region)
+            if isinstance(operand, torch.Tensor):
+                operand = operand.to(value.dtype)
+            if isinstance(statement, ast.Set):
+                new_region = torch.empty_like(region).copy_(torch.as_tensor(operand, dtype=value.dtype))
+            else:
+                new_region = {"+=": region + operand, "-=": region - operand, "*=": region * operand}[statement.op]
+        if index is None:
+            return new_region
+        new = value.clone()
+        new[index] = new_region
+        return new
+
+    def _index(self, index):
+        if index is None:
+            return None
+        items = []
+        for entry in index.entries:
+            if isinstance(entry, ast.IntEntry):
+                items.append(entry.value)
+            elif isinstance(entry, ast.Var):
+                items.append(self.runner.values[entry.name])
+            elif isinstance(entry, ast.EllipsisEntry):
+                items.append(...)
+            else:
+                bound = [self.runner.values[b.name] if isinstance(b, ast.Var) else b for b in (entry.start, entry.stop, entry.step)]
+                items.append(slice(*bound))
+        return tuple(items)
+
+    def _eval(self, expr, region):
+        if isinstance(expr, ast.Number):
+            return expr.value
+        if isinstance(expr, ast.Var):
+            return self.runner.values[expr.name]
+        if isinstance(expr, ast.Saved):
+            return self.saved[expr.name]
+        if isinstance(expr, ast.Zeros):
+            return torch.zeros_like(region)
+        if isinstance(expr, ast.Mean):
+            return region.mean(dim=0, keepdim=True)
+        if isinstance(expr, ast.Neg):
+            return -self._eval(expr.operand, region)
+        left, right = self._eval(expr.left, region), self._eval(expr.right, region)
+        return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right, "/": lambda: left / right}[expr.op]()
+
+
+def _pick(container, entry) -> list[nn.Module]:
+    children = list(container.children())
+    if isinstance(entry, ast.IntEntry):
+        return [children[entry.value]]
+    if isinstance(entry, ast.AllEntry):
+        return children
+    if isinstance(entry, ast.SetEntry):
+        return [children[v] for v in entry.values]
+    return children[entry.start : entry.stop : entry.step]
+
+
+def _parameter_names(module) -> list[str]:
+    params = inspect.signature(module.forward).parameters.values()
+    return [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _rebuild(output, replaced: dict):
+    if isinstance(output, dict):
+        for key, value in replaced.items():
+            output[key] = value
+        return output
+    return type(output)(replaced[i] for i in range(len(output)))
+
+
+class _pruned:
+    """Prune with `torch.nn.utils.prune`'s own masks, applied only inside the owner's forward."""
+
+    def __init__(self, runner: _Runner, statements):
+        self.runner = runner
+        self.statements = statements
+        self.handles = []
+        self.originals: dict[tuple[nn.Module, str], torch.Tensor] = {}
+
+    def __enter__(self):
+        masks: dict[tuple[str, str], torch.Tensor] = {}
+        for statement in self.statements:
+            for name in self._parameters(statement.param):
+                owner_name, _, attribute = name.rpartition(".")
+                weight = getattr(self.runner.modules[owner_name], attribute).detach()
+                mask = self._mask(statement, weight)
+                key = (owner_name, attribute)
+                masks[key] = masks[key] * mask if key in masks else mask
+        for (owner_name, attribute), mask in masks.items():
+            owner = self.runner.modules[owner_name]
+            self.handles.append(owner.register_forward_pre_hook(self._swap(attribute, mask)))
+            self.handles.append(owner.register_forward_hook(self._restore(attribute)))
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        for (owner, attribute) in list(self.originals):
+            self._put_back(owner, attribute)
+        return False
+
+    def _swap(self, attribute: str, mask: torch.Tensor):
+        def hook(module, args):
+            original = module._parameters.pop(attribute)
+            self.originals[(module, attribute)] = original
+            setattr(module, attribute, original * mask)
+
+        return hook
+
+    def _restore(self, attribute: str):
+        def hook(module, args, output):
+            self._put_back(module, attribute)
+
+        return hook
+
+    def _put_back(self, module: nn.Module, attribute: str) -> None:
+        delattr(module, attribute)
+        module._parameters[attribute] = self.originals.pop((module, attribute))
+
+    def _parameters(self, param) -> list[str]:
+        names = [n for n, _ in self.runner.model.named_parameters(remove_duplicate=False)]
+        if isinstance(param, ast.RegexPath):
+            return [n for n in names if re.search(param.pattern, n)]
+        *owner_path, last = param.segments
+        owners = self.runner.modules_for(ast.Path(tuple(owner_path))) if owner_path else [("", None)]
+        return [f"{o}.{last.name}" if o else last.name for o, _ in owners]
+
+    def _mask(self, statement: ast.Prune, weight: torch.Tensor) -> torch.Tensor:
+        amount = statement.amount.value / 100 if statement.amount.percent else statement.amount.value
+        criterion, dim = statement.criterion, statement.dim
+        if isinstance(criterion, ast.Random):
+            with torch.random.fork_rng():
+                if criterion.seed is not None:
+                    torch.manual_seed(criterion.seed)
+                method = torch_prune.RandomUnstructured(amount) if dim is None else torch_prune.RandomStructured(amount, dim)
+                return method.compute_mask(weight, torch.ones_like(weight))
+        scores = self.runner.values[criterion.var.name] if isinstance(criterion, ast.Importance) else weight
+        method = torch_prune.L1Unstructured(amount) if dim is None else torch_prune.LnStructured(amount, 2, dim)
+        return method.compute_mask(scores, torch.ones_like(weight)).to(weight.dtype)

@@ -1,0 +1,30 @@
+import os
+import warnings
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+
+from tests import zoo  # noqa: E402
+
+# Model-level property tests draw few examples by default (each compiles a program);
+# HYPOTHESIS_PROFILE=thorough draws many more (the slow CI step).
+settings.register_profile("default", max_examples=20, deadline=None, suppress_health_check=list(HealthCheck))
+settings.register_profile("thorough", max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+@pytest.fixture(scope="session")
+def samples():
+    """Each zoo model built once per test process (captures are cached per model object)."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = zoo.ALL[name]()
+        return built[name]
+
+    return get
