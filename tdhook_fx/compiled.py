@@ -39,6 +39,7 @@ class CompiledModule(nn.Module):
         self._rewritten = rewritten
         self._captured_training = training
         self._bound: dict[str, str] = {}  # runtime name -> buffer name
+        self._functions: dict[str, object] = {}  # runtime name -> bound Python function
         self.train(training)
 
     # ---- what was compiled --------------------------------------------------------------------
@@ -73,11 +74,15 @@ class CompiledModule(nn.Module):
     def bind(self, **values) -> CompiledModule:
         """Set runtime values (`$name`) shared by every call; a TensorDict key of the same name wins.
 
-        Values are stored as buffers, so changing them needs no recompilation.
+        Tensors are stored as buffers, so changing them needs no recompilation; a Python
+        function (for `$f(...)` or `patch ... with $f`) is kept as it is.
         """
         for name, value in values.items():
             if name not in self.runtime_names:
                 raise BindingError(_unknown_name(name, self.runtime_names))
+            if callable(value):
+                self._functions[name] = value
+                continue
             tensor = torch.as_tensor(value)
             buffer = f"bound_{name}"
             if name in self._bound:
@@ -89,7 +94,9 @@ class CompiledModule(nn.Module):
 
     def _runtime(self, name: str, given) -> torch.Tensor:
         if given is not None:
-            return torch.as_tensor(given)
+            return given if callable(given) else torch.as_tensor(given)
+        if name in self._functions:
+            return self._functions[name]
         if name in self._bound:
             return getattr(self, self._bound[name])
         users = [i.describe() for i in self.resolved.interventions if name in variables(i.statement)]

@@ -71,7 +71,7 @@ class _Runner:
     def __init__(self, model: nn.Module, program: ast.Program, values: dict):
         self.model = model
         self.program = program
-        self.values = {k: torch.as_tensor(v) for k, v in values.items()}
+        self.values = {k: v if callable(v) else torch.as_tensor(v) for k, v in values.items()}
         self.modules = dict(model.named_modules())
         self.names = {m: n for n, m in model.named_modules()}
         self.patch_values: dict[str, dict] = {}
@@ -228,7 +228,10 @@ class _Recorder:
         if isinstance(statement, ast.Patch):
             source = statement.source or DEFAULT_PATCH_SOURCE
             patched = self.runner.patch_values[source][site]
-            new_region = (patched if index is None else patched[index]).to(value.dtype)
+            new_region = patched if index is None else patched[index]
+            if statement.function is not None:
+                new_region = self.runner.values[statement.function.name](region, new_region)
+            new_region = new_region.to(value.dtype)
         else:
             operand = self._eval(statement.value, region)
             if isinstance(operand, torch.Tensor):
@@ -270,6 +273,10 @@ class _Recorder:
             return torch.zeros_like(region)
         if isinstance(expr, ast.Mean):
             return region.mean(dim=0, keepdim=True)
+        if isinstance(expr, ast.SiteValue):
+            return region
+        if isinstance(expr, ast.Call):
+            return self.runner.values[expr.function.name](*(self._eval(a, region) for a in expr.args))
         if isinstance(expr, ast.Neg):
             return -self._eval(expr.operand, region)
         left, right = self._eval(expr.left, region), self._eval(expr.right, region)

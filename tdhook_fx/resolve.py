@@ -104,6 +104,8 @@ class _Resolver:
                 self._value(statement.value, site, region, statement)
             elif isinstance(statement, ast.Patch):
                 self.patch_sources[statement.source or DEFAULT_PATCH_SOURCE] = None
+                if statement.function is not None:
+                    self.runtime[statement.function.name] = None
             elif isinstance(statement, ast.Stop):
                 if self.stop is not None:
                     raise _Problem(
@@ -188,8 +190,13 @@ class _Resolver:
         if isinstance(expr, ast.Var):
             self.runtime[expr.name] = None
             return None
-        if isinstance(expr, ast.Zeros):
+        if isinstance(expr, (ast.Zeros, ast.SiteValue)):
             return region
+        if isinstance(expr, ast.Call):
+            self.runtime[expr.function.name] = None
+            for argument in expr.args:
+                self._expr_shape(argument, site, region)
+            return None
         if isinstance(expr, ast.Mean):
             return None if region is None else (1, *region[1:]) if region else ()
         if isinstance(expr, ast.Saved):

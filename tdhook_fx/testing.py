@@ -96,12 +96,14 @@ def expressions(max_leaves: int = 6):
         saved_names.map(ast.Saved),
         st.just(ast.Zeros()),
         st.just(ast.Mean()),
+        st.just(ast.SiteValue()),
     )
     return st.recursive(
         leaves,
         lambda inner: st.one_of(
             st.builds(ast.BinOp, st.sampled_from(["+", "-", "*", "/"]), inner, inner),
             inner.map(ast.Neg),
+            st.builds(ast.Call, variables, st.lists(inner, max_size=3).map(tuple)),
         ),
         max_leaves=max_leaves,
     )
@@ -125,7 +127,7 @@ parameter_paths = st.one_of(
 statements = st.one_of(
     st.builds(ast.Save, sites(), st.one_of(st.none(), identifiers), st.booleans()),
     st.builds(ast.Set, sites(), expressions(), st.booleans()),
-    st.builds(ast.Patch, sites(), st.one_of(st.none(), identifiers)),
+    st.builds(ast.Patch, sites(), st.one_of(st.none(), identifiers), st.one_of(st.none(), variables)),
     st.builds(ast.Steer, sites(), st.sampled_from(["+=", "-=", "*="]), expressions()),
     st.builds(ast.Prune, parameter_paths, amounts, criteria, st.one_of(st.none(), st.integers(-3, 3))),
     st.builds(ast.Stop, sites()),
@@ -154,7 +156,7 @@ class DrawnProgram:
     patches: bool = False
 
     def __repr__(self) -> str:
-        shapes = {k: tuple(v.shape) for k, v in self.values.items()}
+        shapes = {k: getattr(v, "shape", v) for k, v in self.values.items()}
         return f"DrawnProgram(\n{self.text}\n, values={shapes})"
 
 
@@ -248,7 +250,7 @@ def _mentions(line: str, name: str) -> bool:
 
 @st.composite
 def _values(draw, site, region, saved, values, generator, var_name) -> str:
-    options = ["number", "zeros", "mean", "var"]
+    options = ["number", "zeros", "mean", "var", "value", "function"]
     earlier = [name for name, other, shape in saved if other.order <= site.order and _fits(shape, region) and other.dtype == site.dtype]
     if earlier:
         options.append("saved")
@@ -259,6 +261,11 @@ def _values(draw, site, region, saved, values, generator, var_name) -> str:
         return draw(st.sampled_from(["zeros", "zeros + 1"]))
     if choice == "mean":
         return "mean"
+    if choice == "value":
+        return draw(st.sampled_from(["value * 0.5", "-value", "value + 1"]))
+    if choice == "function":
+        values[var_name] = torch.tanh
+        return f"${var_name}(value)"
     if choice == "saved":
         return "@" + draw(st.sampled_from(earlier)) + draw(st.sampled_from(["", " * 0.5"]))
     shape = draw(st.sampled_from([(), region[-1:] if region else ()]))

@@ -95,6 +95,11 @@ class RewriteContext:
             return self.call(torch.zeros_like, region)
         if isinstance(expr, ast.Mean):
             return self.call(ops.batch_mean, region)
+        if isinstance(expr, ast.SiteValue):
+            return region
+        if isinstance(expr, ast.Call):
+            arguments = [self._expr(a, region) for a in expr.args]
+            return self.call(ops.call, self.runtime[expr.function.name], *arguments, name=expr.function.name)
         if isinstance(expr, ast.Neg):
             operand = self._expr(expr.operand, region)
             return -operand if isinstance(operand, (int, float)) else self.call(operator.neg, operand)
@@ -119,7 +124,7 @@ class RewriteContext:
 
 
 def _has_runtime_value(expr) -> bool:
-    if isinstance(expr, ast.Var):
+    if isinstance(expr, (ast.Var, ast.Call)):
         return True
     if isinstance(expr, ast.Neg):
         return _has_runtime_value(expr.operand)

@@ -28,6 +28,15 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
     return value.to(like.dtype)
 
 
+def call(function, *args) -> torch.Tensor:
+    """Call a Python function bound as a runtime value (`$f(...)` in a program)."""
+    result = function(*args)
+    if not isinstance(result, torch.Tensor):
+        name = getattr(function, "__name__", type(function).__name__)
+        raise BindingError(f"the function {name} bound in the program returned a {type(result).__name__}, not a tensor")
+    return result
+
+
 def filled(like: torch.Tensor, value) -> torch.Tensor:
     """A new tensor shaped like `like`, every element set from `value` (broadcast)."""
     return torch.empty_like(like).copy_(value)

@@ -28,6 +28,9 @@ def insert_patch(ctx: RewriteContext, intervention: Intervention) -> None:
     with ctx.after_value(site), ctx.new_nodes() as made:
         region = old if index is None else ctx.call(operator.getitem, old, index)
         value = patched if index is None else ctx.call(operator.getitem, patched, index)
+        function = intervention.statement.function
+        if function is not None:
+            value = ctx.call(ops.call, ctx.runtime[function.name], region, value, name=function.name)
         value = ctx.call(ops.fit, value, region, intervention.describe(), site, name=f"{source}_{site}")
         new = value if index is None else ctx.call(ops.assign, old, index, value, name=f"patch_{site}")
     ctx.replace(site, new, made)

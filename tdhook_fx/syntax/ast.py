@@ -196,6 +196,22 @@ class Mean(Node):
 
 
 @dataclass(frozen=True)
+class SiteValue(Node):
+    """`value`: the site's current (indexed) value; in `set grad`, the incoming gradient."""
+
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Call(Node):
+    """`$f(a, b)`: call a Python function bound as a runtime value (the DSL never runs Python text)."""
+
+    function: Var
+    args: tuple[Expr, ...] = ()
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
 class BinOp(Node):
     op: Literal["+", "-", "*", "/"]
     left: Expr
@@ -209,7 +225,7 @@ class Neg(Node):
     span: Span | None = _span()
 
 
-Expr = Union[Number, Var, Saved, Zeros, Mean, BinOp, Neg]
+Expr = Union[Number, Var, Saved, Zeros, Mean, SiteValue, Call, BinOp, Neg]
 
 
 # ---- pruning --------------------------------------------------------------------------------
@@ -267,10 +283,14 @@ class Set(Node):
 
 @dataclass(frozen=True)
 class Patch(Node):
-    """Replace the site's value by the one it has on the source input (`("patched", key)`)."""
+    """Replace the site's value by the one it has on the source input (`("patched", key)`).
+
+    `with $f`: the new value is `f(value, source_value)` instead.
+    """
 
     site: Site
     source: str | None = None
+    function: Var | None = None
     span: Span | None = _span()
 
 

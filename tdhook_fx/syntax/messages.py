@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from lark import Token
 
 VERBS = ("save", "set", "patch", "steer", "prune", "stop")
-VALUE_WORDS = "a number, $name, @name, zeros or mean, combined with + - * / and parentheses"
+VALUE_WORDS = "a number, $name, @name, zeros, mean, value or $f(...), combined with + - * / and parentheses"
 _NO_PYTHON = (
     f"a value is {VALUE_WORDS}; pass a tensor as $name "
     "(cm.bind(name=tensor), or a key of the input TensorDict)"
@@ -47,17 +47,17 @@ _TERMINAL_WORDS = {
 _GROUPS = (
     # (terminals or literal values that make up the group, how many must be there, words)
     ({"NAME", "REGEX", "ESCAPED", "INT", "*", "{", "["}, 3, "a module path"),
-    ({"NUMBER", "VAR", "SAVED", "zeros", "mean", "(", "-"}, 3, "a value"),
+    ({"NUMBER", "VAR", "SAVED", "zeros", "mean", "value", "(", "-"}, 3, "a value"),
     (set(VERBS), 3, "a statement (save, set, patch, steer, prune or stop)"),
     ({".", "[", "@", ":"}, 2, "more of the site ('.', '[', '@' or ':')"),
 )
 # What may follow a site, by verb: the parser state after a site is shared by all verbs.
-_AFTER_SITE = {"=", "STEER_OP", "NUMBER", "as", "from"}
+_AFTER_SITE = {"=", "STEER_OP", "NUMBER", "as", "from", "with"}
 _AFTER_SITE_BY_VERB = {
     "save": {"as"},
     "set": {"="},
     "steer": {"STEER_OP"},
-    "patch": {"from"},
+    "patch": {"from", "with"},
     "prune": {"NUMBER"},
     "stop": set(),
 }

@@ -49,6 +49,8 @@ RULE_TO_AST: dict[str, type] = {
     "saved": ast.Saved,
     "zeros": ast.Zeros,
     "mean": ast.Mean,
+    "site_value": ast.SiteValue,
+    "call": ast.Call,
 }
 
 
@@ -164,8 +166,10 @@ class _ToAst(Transformer):
         return ast.Set(site, value, grad, span=_span(meta))
 
     def patch(self, meta, children):
-        source = str(children[1]) if len(children) > 1 else None
-        return ast.Patch(children[0], source, span=_span(meta))
+        site, *rest = children
+        source = next((str(c) for c in rest if c.type == "NAME"), None)
+        function = next((ast.Var(str(c)[1:], span=_token_span(c)) for c in rest if c.type == "VAR"), None)
+        return ast.Patch(site, source, function, span=_span(meta))
 
     def steer(self, meta, children):
         site, op, value = children
@@ -316,6 +320,14 @@ class _ToAst(Transformer):
 
     def mean(self, meta, children):
         return ast.Mean(span=_span(meta))
+
+    def site_value(self, meta, children):
+        return ast.SiteValue(span=_span(meta))
+
+    def call(self, meta, children):
+        token, *args = children
+        function = ast.Var(str(token)[1:], span=_token_span(token))
+        return ast.Call(function, tuple(args), span=_span(meta))
 
 
 def _number(token: Token) -> int | float:

@@ -39,7 +39,8 @@ def _(node: ast.Set) -> str:
 @unparse.register
 def _(node: ast.Patch) -> str:
     source = f" from {node.source}" if node.source is not None else ""
-    return f"patch {unparse(node.site)}{source}"
+    function = f" with {unparse(node.function)}" if node.function is not None else ""
+    return f"patch {unparse(node.site)}{source}{function}"
 
 
 @unparse.register
@@ -178,6 +179,16 @@ def _(node: ast.Zeros) -> str:
 @unparse.register
 def _(node: ast.Mean) -> str:
     return "mean"
+
+
+@unparse.register
+def _(node: ast.SiteValue) -> str:
+    return "value"
+
+
+@unparse.register
+def _(node: ast.Call) -> str:
+    return f"{unparse(node.function)}(" + ", ".join(unparse(a) for a in node.args) + ")"
 
 
 @unparse.register

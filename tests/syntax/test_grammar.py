@@ -10,7 +10,8 @@ save grad /h\.\d+/@1:out.0[..., 0:4:$s]
 set h.{0,5}.*[2:]@0:in.hidden_states[{1,2}] = -(1.5 + $a) / @m - zeros * mean
 set x[$i, 1] = 0
 set <grad>.y:in[0] = 1
-patch h[1].mlp from clean
+patch h[1].mlp from clean with $f
+steer h[0] += $g(value, 2)
 steer h[-1].mlp *= 2
 prune fc.weight 50% by random(3) along 0
 prune fc.weight 10 by magnitude
