@@ -8,6 +8,7 @@ import re
 import torch
 from torch import fx
 
+_SIDE_EFFECTS = fx.node._side_effectful_functions  # asserts, profiler marks, shape checks
 _IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
@@ -45,6 +46,19 @@ def mutates(node: fx.Node, root: torch.nn.Module | None = None) -> bool:
     return False
 
 
-def is_impure(node: fx.Node) -> bool:
-    """Conservative purity for dead code elimination: keep anything with effects."""
-    return node.op in ("placeholder", "output", "call_module") or node.is_impure() or mutates(node)
+def is_impure(node: fx.Node, root: torch.nn.Module) -> bool:
+    """For dead code elimination: whether `node` has effects beyond its value.
+
+    Unlike fx's default, a random op (dropout) whose value nobody uses may go: cutting the
+    graph after a `stop` must not keep the rest of the model alive for its RNG draws.
+    """
+    if node.op in ("placeholder", "output"):
+        return True
+    if node.op == "call_module":
+        module = fetch_attr(root, node.target)
+        builtin = type(module).__module__.startswith(("torch.nn.", "torch.ao.nn."))
+        updates_statistics = module.training and any(True for _ in module.buffers(recurse=False))
+        return not builtin or updates_statistics or mutates(node, root)
+    if node.op == "call_function" and node.target in _SIDE_EFFECTS:
+        return True
+    return mutates(node, root)

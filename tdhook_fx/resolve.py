@@ -135,6 +135,12 @@ class _Resolver:
                 raise _Problem(
                     amount.span, f"cannot prune {amount.value} weights: {site.name} has only {numel}"
                 )
+            if statement.dim is not None and len(site.shape) < 2:
+                raise _Problem(
+                    statement.span,
+                    f"{site.name} has {len(site.shape)} dimension; pruning along a dimension needs 2 or more",
+                    "drop 'along ...' to prune single weights",
+                )
             if statement.dim is not None and not -len(site.shape) <= statement.dim < len(site.shape):
                 raise _Problem(
                     statement.span,
@@ -389,6 +395,8 @@ class _Resolver:
         if isinstance(segment, ast.Attr):
             if segment.name in children:
                 return [prefix + segment.name]
+            if isinstance(module, _CONTAINERS) and segment.name.lstrip("-").isdigit():
+                self._position(int(segment.name), len(children), match.module, segment)
             raise self._unknown(match.module, module, segment, path, position)
         if isinstance(segment, ast.AnyAttr):
             return [prefix + c for c in children]
@@ -444,7 +452,7 @@ class _Resolver:
         found = []
         for owner in owners:
             name = f"{owner.module}.{last.name}" if owner.module else last.name
-            if name in self.sites:
+            if name in self.sites and self.sites[name].kind == "param":
                 found.append(self.sites[name])
             elif not owner.via_selector:
                 module = self.sites.modules[owner.module]

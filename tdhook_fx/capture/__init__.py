@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 import weakref
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import torch
@@ -31,6 +32,7 @@ class Capture:
     site_keys: dict[str, SiteKey]  # tap name -> where it is
     eager_sites: frozenset[str]  # the sites that the eager model also produces
     seconds: float  # how long capturing took
+    site_tables: dict = field(default_factory=dict, compare=False)  # input shapes -> SiteTable
 
     @cached_property
     def mutates(self) -> bool:
@@ -58,27 +60,47 @@ def capture(
         model.training,
         tuple((x.dtype, x.dim()) for x in inputs),
     )
+    with _model_state_kept(model):
+        return _cached_capture(model, inputs, in_keys, out_keys, frontend, signature)
+
+
+@contextmanager
+def _model_state_kept(model: nn.Module):
+    """Capturing runs the model: keep its buffers (batch-norm statistics) and the RNG unchanged."""
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    with torch.random.fork_rng():
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, b in model.named_buffers():
+                    b.copy_(buffers[name])
+
+
+def _cached_capture(model, inputs, in_keys, out_keys, frontend, signature):
     per_model = _CACHE.setdefault(model, {})
+    shapes = tuple(tuple(x.shape) for x in inputs)
     cached = per_model.get(signature)
-    if cached is None or not _fits(cached, inputs):
-        cached = per_model[signature] = _capture(model, inputs, in_keys, out_keys, frontend)
-    return cached, build_site_table(model, cached.graph_module, inputs, cached.site_keys, cached.eager_sites)
+    if cached is not None:
+        if shapes in cached.site_tables:
+            return cached, cached.site_tables[shapes]
+        try:
+            return cached, _sites(cached, model, inputs, shapes)
+        except Exception:  # an exported graph's shape guards refused these inputs: capture again
+            pass
+    cached = per_model[signature] = _capture(model, inputs, in_keys, out_keys, frontend)
+    return cached, _sites(cached, model, inputs, shapes)
 
 
-def _fits(capture: Capture, inputs: tuple) -> bool:
-    """A cached fx capture fits any shape; an export capture, shapes its guards accept."""
-    if capture.frontend == "fx":
-        return True
-    try:
-        with torch.no_grad():
-            capture.graph_module(*inputs)
-    except Exception:
-        return False
-    return True
+def _sites(capture: Capture, model: nn.Module, inputs: tuple, shapes: tuple) -> SiteTable:
+    table = build_site_table(model, capture.graph_module, inputs, capture.site_keys, capture.eager_sites)
+    capture.site_tables[shapes] = table
+    return table
 
 
 def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
     start = time.perf_counter()
+    torch.manual_seed(0)  # the eager run and each front end's check draw the same dropout masks
     with Tapper(model, mark=False).hooks() as eager_tapper:
         plan, eager = plan_call(model, in_keys, out_keys, inputs)
     eager_sites = frozenset(key.name for key in eager_tapper.sites)
@@ -104,6 +126,7 @@ def _run_frontend(name: str, call, tapper: Tapper, inputs: tuple) -> fx.GraphMod
 
 
 def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
+    torch.manual_seed(0)
     with torch.no_grad():
         outputs = graph_module(*inputs)
     for got, want in zip(outputs, eager):

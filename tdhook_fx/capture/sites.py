@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from tdhook_fx.capture.taps import SiteKey, is_tap
+from tdhook_fx.capture.taps import TAP, SiteKey, is_tap
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,10 @@ class _TapRecorder(fx.Interpreter):
         self.values: dict[str, torch.Tensor] = {}
 
     def call_function(self, target, args, kwargs):
-        result = super().call_function(target, args, kwargs)
-        if self.current_is_tap:
-            self.values[args[1]] = result
-        return result
-
-    def run_node(self, n):
-        self.current_is_tap = is_tap(n)
-        return super().run_node(n)
+        if target is TAP:  # record the value; the identity op itself need not run
+            self.values[args[1]] = args[0]
+            return args[0]
+        return super().call_function(target, args, kwargs)
 
 
 def _record_taps(graph_module: fx.GraphModule, inputs: tuple) -> dict[str, torch.Tensor]:

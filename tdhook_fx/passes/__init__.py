@@ -60,7 +60,7 @@ def _finish(ctx: RewriteContext) -> Rewritten:
     graph.erase_node(output)
     graph.output(values)
     _remove_taps(graph, ctx.original)
-    graph.eliminate_dead_code(is_impure_node=is_impure)
+    graph.eliminate_dead_code(is_impure_node=lambda node: is_impure(node, ctx.capture.graph_module))
     graph.lint()
     root = {}
     for node in graph.nodes:

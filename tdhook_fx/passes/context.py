@@ -61,8 +61,8 @@ class RewriteContext:
     def call(self, target, *args, name: str | None = None) -> fx.Node:
         return self.graph.create_node("call_function", target, args, {}, name=readable(name) if name else None)
 
-    def method(self, method: str, *args) -> fx.Node:
-        return self.graph.create_node("call_method", method, args, {})
+    def method(self, method: str, *args, name: str | None = None) -> fx.Node:
+        return self.graph.create_node("call_method", method, args, {}, name=readable(name) if name else None)
 
     def replace(self, site: str, new: fx.Node, created: set[fx.Node]) -> None:
         """Make `new` the site's value for everything downstream (except the nodes just made)."""

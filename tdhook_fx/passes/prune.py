@@ -70,6 +70,7 @@ def _call_with_masked(ctx: RewriteContext, call: fx.Node, attribute: str, mask: 
     with ctx.graph.inserting_before(call):
         if call.op == "call_module":
             module = ctx.graph.get_attr(call.target)
+            module._rename(readable(f"module_{call.target.removeprefix('model.')}"))
             overrides, args, kwargs = {}, call.args, call.kwargs
         else:
             module, overrides, args, kwargs = call.args

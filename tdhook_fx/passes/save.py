@@ -15,6 +15,6 @@ def insert_save(ctx: RewriteContext, intervention: Intervention) -> None:
         if intervention.index is not None:
             value = ctx.call(operator.getitem, value, ctx.index(intervention.index), name=f"save_{intervention.name}")
         if ctx.capture.mutates:  # the model may change this tensor in place further on
-            value = ctx.method("clone", value)
+            value = ctx.method("clone", value, name=f"saved_{intervention.name}")
     ctx.saved[intervention.name] = value
     ctx.pinned |= made

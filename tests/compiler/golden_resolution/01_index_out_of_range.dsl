@@ -1,0 +1,1 @@
+save blocks[5].attn

@@ -1,0 +1,1 @@
+prune blocks.0.up.wieght 50%

@@ -1,0 +1,1 @@
+set blocks.0.up = @missing

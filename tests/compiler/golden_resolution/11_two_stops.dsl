@@ -1,0 +1,2 @@
+stop blocks.0
+stop blocks.1

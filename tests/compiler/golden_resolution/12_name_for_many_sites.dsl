@@ -1,0 +1,1 @@
+save blocks[*].up as u

@@ -1,0 +1,2 @@
+save blocks.0.up
+save blocks.0.up

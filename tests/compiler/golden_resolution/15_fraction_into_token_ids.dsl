@@ -1,0 +1,1 @@
+set embed:in.input = 1.5

@@ -1,0 +1,1 @@
+save /nothing_here/

@@ -1,0 +1,1 @@
+prune blocks.0.up.bias 10% along 0

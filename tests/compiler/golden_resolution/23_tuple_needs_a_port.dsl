@@ -1,0 +1,1 @@
+steer blocks.0.attn += 1
