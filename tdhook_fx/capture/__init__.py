@@ -59,9 +59,18 @@ def capture(
         frontend,
         model.training,
         tuple((x.dtype, x.dim()) for x in inputs),
+        _structure(model),
     )
     with _model_state_kept(model):
         return _cached_capture(model, inputs, in_keys, out_keys, frontend, signature)
+
+
+def _structure(model: nn.Module) -> tuple:
+    """Which module and parameter objects the model is made of: replacing one invalidates a capture."""
+    modules = tuple((name, id(module)) for name, module in model.named_modules())
+    parameters = tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False))
+    buffers = tuple((name, id(b)) for name, b in model.named_buffers())
+    return modules + parameters + buffers
 
 
 @contextmanager

@@ -101,3 +101,18 @@ def test_example_without_the_in_keys(samples):
     sample = samples("gpt2")
     with pytest.raises(tdhook_fx.BindingError, match="has no 'input'"):
         tdhook_fx.compile(sample.model, "", example=sample.example)
+
+
+def test_replacing_a_submodule_invalidates_the_cached_capture(samples):
+    sample = samples("mlp")
+    model = sample.model
+    original = model[2]
+    try:
+        first = tdhook_fx.compile(model, "save 2", example=sample.example)
+        model[2] = nn.Linear(16, 16)
+        second = tdhook_fx.compile(model, "save 2", example=sample.example)
+        x = sample.example["input"]
+        torch.testing.assert_close(second(x)["saved"]["2"], model[:3](x))
+        assert not torch.allclose(first(x)["saved"]["2"], second(x)["saved"]["2"])
+    finally:
+        model[2] = original
