@@ -15,6 +15,7 @@ from tdhook_fx.passes import Rewritten
 from tdhook_fx.syntax.ast import variables
 
 SAVED = "saved"
+GRAD_DELTA = "_grad_delta"  # the zero inputs whose gradients `save grad` returns (see read_grads)
 
 
 class CompiledModule(nn.Module):
@@ -25,6 +26,10 @@ class CompiledModule(nn.Module):
     and every saved value at `("saved", name)` into that TensorDict and returns it. Or call it
     with the input tensors (runtime values and patch sources as keywords): it returns a dict
     `{out_key: tensor, ..., "saved": {name: tensor}}`.
+
+    Gradients (`save grad`): with gradients enabled, a call also puts one zero tensor per saved
+    gradient at `("_grad_delta", name)` (or `result["_grad_delta"][name]`); after a backward
+    through the outputs, `cm.read_grads(td)` moves their gradients to `("saved", name)`.
     """
 
     def __init__(self, capture: Capture, sites: SiteTable, resolved: ResolvedProgram, rewritten: Rewritten, training: bool):
@@ -38,8 +43,11 @@ class CompiledModule(nn.Module):
         self.out_keys = list(capture.plan.out_keys) if rewritten.returns_model_outputs else []
         self._rewritten = rewritten
         self._captured_training = training
+        self.capture = capture  # the captured graph this module was rewritten from (cached per model)
+        self.example_inputs: tuple[torch.Tensor, ...] | None = None  # the example compiled on (save/export)
         self._bound: dict[str, str] = {}  # runtime name -> buffer name
         self._functions: dict[str, object] = {}  # runtime name -> bound Python function
+        self._site_shapes: dict[tuple, dict] = {}  # input shapes -> site shapes (save grad inputs)
         self.train(training)
 
     # ---- what was compiled --------------------------------------------------------------------
@@ -105,6 +113,35 @@ class CompiledModule(nn.Module):
             f"  hint: put it in the input TensorDict (td['{name}'] = value) or bind it once: cm.bind({name}=value)"
         )
 
+    def bound_values(self) -> dict[str, object]:
+        """The runtime values bound with `bind`: tensors (buffers) and functions, by name."""
+        values: dict[str, object] = {name: getattr(self, buffer) for name, buffer in self._bound.items()}
+        values.update(self._functions)
+        return values
+
+    # ---- shipping (io.py, standalone.py, draw.py) ---------------------------------------------
+
+    def save(self, path, *, example=None):
+        """Write the program, capture settings and bound tensors to `path` (safetensors: no code).
+
+        Load it back onto the same base model with `tdhook_fx.load(path, model)`.
+        """
+        from tdhook_fx import io
+
+        return io.save(self, path, example=example)
+
+    def export(self, path, *, example=None):
+        """Write a standalone `torch.export` archive (.pt2) of this module; see `tdhook_fx.standalone`."""
+        from tdhook_fx import standalone
+
+        return standalone.export(self, path, example=example)
+
+    def draw(self, path, **options):
+        """Draw the rewritten graph to `path` (.svg, .html or .dot); see `tdhook_fx.draw`."""
+        from tdhook_fx import draw
+
+        return draw.draw(self, path, **options)
+
     # ---- calling ------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
@@ -123,9 +160,12 @@ class CompiledModule(nn.Module):
     def _call_tensordict(self, td: TensorDictBase) -> TensorDictBase:
         inputs = [_get(td, key, "model input") for key in self.in_keys]
         runtime = [self._runtime(name, td.get(name, None)) for name in self.runtime_names]
-        sources = [_get(td, (source, self.in_keys[i]), "patch source") for source, i in self._rewritten.source_inputs]
-        outputs = self.graph_module(*inputs, *runtime, *sources)
+        sources = [_get(td, _nested(source, self.in_keys[i]), "patch source") for source, i in self._rewritten.source_inputs]
+        deltas = self._grad_deltas(inputs, runtime)
+        outputs = self._run_graph(*inputs, *runtime, *sources, *deltas)
         keys = [*self.out_keys, *((SAVED, name) for name in self.saved_names)]
+        if deltas and deltas[0].requires_grad:
+            keys, outputs = keys + [(GRAD_DELTA, name) for name in self.grad_names], (*outputs, *deltas)
         for key, value in zip(keys, outputs):
             _check_batch(td, key, value)
             td.set(key, value)
@@ -145,11 +185,82 @@ class CompiledModule(nn.Module):
             sources.extend(given if isinstance(given, (tuple, list)) else (given,))
         if kwargs:
             raise BindingError(_unknown_name(next(iter(kwargs)), self.runtime_names))
-        outputs = self.graph_module(*args, *runtime, *sources)
+        deltas = self._grad_deltas(args, runtime)
+        outputs = self._run_graph(*args, *runtime, *sources, *deltas)
         result = dict(zip(map(key_name, self.out_keys), outputs))
         if self.saved_names:
             result[SAVED] = dict(zip(self.saved_names, outputs[len(self.out_keys) :]))
+        if deltas and deltas[0].requires_grad:
+            result[GRAD_DELTA] = dict(zip(self.grad_names, deltas))
         return result
+
+    def _run_graph(self, *inputs):
+        """The rewritten graph's forward, called directly: going through `nn.Module.__call__` (hook
+        dispatch, fx's error-printing wrapper) costs more than a small model's own layers take.
+        Nothing hooks the internal graph module, and an error keeps its full traceback."""
+        return self.graph_module.forward(*inputs)
+
+    # ---- gradients (save grad) ----------------------------------------------------------------
+
+    @property
+    def grad_names(self) -> tuple[str, ...]:
+        """The names of the saved gradients (`save grad`), as `read_grads` stores them."""
+        return getattr(self._rewritten, "grad_names", ())
+
+    def read_grads(self, result):
+        """After a backward through `result`'s outputs, store each saved gradient at ("saved", name).
+
+        `result` is what a call returned (a TensorDict, or the dict of the tensor call); it is
+        updated in place and returned, without the `_grad_delta` entries. A site the backward
+        never reached has a zero gradient.
+        """
+        if isinstance(result, TensorDictBase):
+            deltas = {name: result.get((GRAD_DELTA, name), None) for name in self.grad_names}
+        else:
+            deltas = dict(result.get(GRAD_DELTA, {}))
+        if not self.grad_names or any(d is None for d in deltas.values()) or len(deltas) < len(self.grad_names):
+            raise BindingError(
+                "this result holds no gradient inputs: "
+                + ("the program saves no gradient (save grad SITE)" if not self.grad_names else "the call ran without gradients")
+                + "\n  hint: call the module with gradients enabled, call .backward() on a value computed from its "
+                "outputs, then read_grads"
+            )
+        if all(d.grad is None for d in deltas.values()):
+            raise BindingError(
+                "no gradient has reached the saved-gradient sites yet\n"
+                "  hint: call .backward() on a value computed from this call's outputs first"
+            )
+        grads = {name: d.grad if d.grad is not None else torch.zeros_like(d) for name, d in deltas.items()}
+        if isinstance(result, TensorDictBase):
+            for name, grad in grads.items():
+                result.set((SAVED, name), grad)
+            result.del_(GRAD_DELTA)
+        else:
+            result.pop(GRAD_DELTA)
+            result.setdefault(SAVED, {}).update(grads)
+        return result
+
+    def _grad_deltas(self, inputs, runtime) -> list[torch.Tensor]:
+        """One zero input per saved gradient: shaped like its site (0-dim without gradients)."""
+        if not self.grad_names:
+            return []
+        from tdhook_fx.passes.grad import region_shape, site_shapes
+
+        sites = {i.name: i for i in self.resolved.interventions if i.kind == "save_grad"}
+        device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
+        if not torch.is_grad_enabled():
+            return [torch.zeros((), dtype=sites[name].site.dtype, device=device) for name in self.grad_names]
+        key = tuple(tuple(x.shape) for x in inputs)
+        if key not in self._site_shapes:
+            self._site_shapes[key] = site_shapes(self.capture.graph_module, tuple(inputs))
+        shapes = self._site_shapes[key]
+        values = dict(zip(self.runtime_names, runtime))
+        deltas = []
+        for name in self.grad_names:
+            intervention = sites[name]
+            shape = region_shape(shapes[intervention.site.name], intervention.index, values)
+            deltas.append(torch.zeros(shape, dtype=intervention.site.dtype, device=device, requires_grad=True))
+        return deltas
 
 
 def _get(td: TensorDictBase, key, what: str) -> torch.Tensor:
@@ -160,6 +271,11 @@ def _get(td: TensorDictBase, key, what: str) -> torch.Tensor:
             f"{sorted(map(str, td.keys(include_nested=True, leaves_only=True)))}"
         )
     return value
+
+
+def _nested(group: str, key) -> tuple:
+    """The key of `key` inside a group: ("patched", "input"), ("patched", "a", "b")."""
+    return (group, *key) if isinstance(key, tuple) else (group, key)
 
 
 def _check_batch(td: TensorDictBase, key, value: torch.Tensor) -> None:

@@ -43,9 +43,11 @@ def compile(  # noqa: A001 - the public name the project promises
     out_keys = list(out_keys or DEFAULT_OUT_KEYS)
     text = program if isinstance(program, str) else str(program)
     ast = parse(program, source=source) if isinstance(program, str) else program
-    captured, table = capture(model, example_inputs(example, in_keys), in_keys, out_keys, frontend)
+    inputs = example_inputs(example, in_keys)
+    captured, table = capture(model, inputs, in_keys, out_keys, frontend)
     resolved = resolve(ast, table, text, source)
     compiled = CompiledModule(captured, table, resolved, rewrite(captured, resolved), model.training)
+    compiled.example_inputs = inputs
     compiled.compile_seconds = time.perf_counter() - start
     return compiled
 

@@ -13,7 +13,10 @@ Semantics shared with the compiler (the contract both implement):
   (indexed) site value, `mean` averaging over the batch;
 - `patch` takes the value the site has when the unmodified model runs on the source inputs;
 - `prune` masks a parameter only inside its owning module's forward;
-- `stop` ends the forward right after the site; then only saved values are returned.
+- `stop` ends the forward right after the site; then only saved values are returned;
+- `save grad` records the gradient that reaches the site's value, `set grad` replaces it, each
+  with `Tensor.register_hook` on that value (a fresh alias per site, so a module input's hook
+  sees only the module's own uses); hooks on one value run in program order.
 """
 
 from __future__ import annotations
@@ -37,12 +40,19 @@ class _Stopped(Exception):
     pass
 
 
-def run(model: nn.Module, program, inputs, *, in_keys=None, out_keys=None, values=None, sources=None) -> dict:
+def run(
+    model: nn.Module, program, inputs, *, in_keys=None, out_keys=None, values=None, sources=None, backward=None
+) -> dict:
     """Run `program` on `model` with hooks; returns {out_key: tensor, ("saved", name): tensor}.
 
     `inputs`: a TensorDict (runtime values and patch sources read from it as the compiled
     module reads them) or a tuple of input tensors. `values`: runtime values by name (they
     override the TensorDict's). `sources`: {source: tuple of input tensors} for patches.
+
+    `backward`: a function of that result returning a scalar. Given, the forward runs with
+    gradients and the scalar is differentiated: the result also holds each `save grad`
+    gradient at ("saved", name), the gradient of every floating-point input at
+    ("grad", in_key) and of every parameter at ("param_grad", name) (zeros where none flows).
     """
     in_keys = list(in_keys or ["input"])
     out_keys = list(out_keys or ["output"])
@@ -62,9 +72,33 @@ def run(model: nn.Module, program, inputs, *, in_keys=None, out_keys=None, value
     inputs = tuple(inputs)
     plan, _ = plan_call(model, in_keys, out_keys, inputs)
     runner = _Runner(model, program, values)
+    runner.grad = backward is not None  # patch sources too: their run is part of what is differentiated
     for source, source_inputs in sources.items():
         runner.patch_values[source] = runner.record_patch_sites(plan, source, tuple(source_inputs))
-    return runner.run(plan, inputs)
+    if backward is None:
+        return runner.run(plan, inputs)
+    return _run_backward(runner, plan, inputs, backward)
+
+
+def _run_backward(runner: _Runner, plan, inputs: tuple, backward) -> dict:
+    inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
+    result = runner.run(plan, inputs)
+    recorder = runner.last
+    parameters = dict(runner.model.named_parameters())
+    floats = [(key_name(k), x) for k, x in zip(plan.in_keys, inputs) if x.is_floating_point()]
+    wanted = [x for _, x in floats] + list(parameters.values()) + recorder.receivers
+    loss = backward(result)
+    loss = torch.as_tensor(loss)
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True) if loss.requires_grad else [None] * len(wanted)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
+    for (key, _), grad in zip(floats, grads):
+        result[("grad", key)] = grad
+    for name, grad in zip(parameters, grads[len(floats) :]):
+        result[("param_grad", name)] = grad
+    for name, like in recorder.grad_shapes.items():
+        recorded = recorder.grads.get(name)
+        result[("saved", name)] = recorded if recorded is not None else torch.zeros_like(like)
+    return result
 
 
 class _Runner:
@@ -75,6 +109,8 @@ class _Runner:
         self.modules = dict(model.named_modules())
         self.names = {m: n for n, m in model.named_modules()}
         self.patch_values: dict[str, dict] = {}
+        self.grad = False  # run the forward with gradients (for a backward afterwards)
+        self.last: _Recorder | None = None
 
     # ---- which module a path names ------------------------------------------------------------
 
@@ -125,7 +161,7 @@ class _Runner:
 
     def run(self, plan, inputs) -> dict:
         hooks = self.plan_hooks(self.program.statements)
-        runner = _Recorder(self, hooks, record_only=False)
+        runner = self.last = _Recorder(self, hooks, record_only=False)
         prunes = [s for s in self.program.statements if isinstance(s, ast.Prune)]
         with _pruned(self, prunes):
             outputs = runner.forward(plan, inputs)
@@ -145,6 +181,10 @@ class _Recorder:
         self.saved: dict = {}
         self.calls: dict[str, int] = defaultdict(int)
         self.stopped = False
+        self.grads: dict = {}  # save grad: name -> the gradient the hook saw
+        self.grad_shapes: dict = {}  # save grad: name -> a tensor shaped like it (zeros if none flows)
+        self.receivers: list[torch.Tensor] = []  # grad sites whose value needs no gradient: new leaves
+        self.grad_alias: dict[str, torch.Tensor] = {}  # site -> the alias its grad hooks are on
 
     def forward(self, plan, inputs):
         handles = []
@@ -154,7 +194,7 @@ class _Recorder:
             handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             handles.append(module.register_forward_hook(self._post(name), with_kwargs=True))
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.runner.grad):
                 return plan.call(self.runner.model, inputs)
         except _Stopped:
             self.stopped = True
@@ -218,6 +258,8 @@ class _Recorder:
             self.saved[site] = value.clone()
             return value
         index = self._index(index)
+        if getattr(statement, "grad", False):
+            return self.hook_grad(statement, value, index, site)
         if isinstance(statement, ast.Save):
             name = statement.name or site
             self.saved[name] = (value if index is None else value[index]).clone()
@@ -243,6 +285,40 @@ class _Recorder:
         if index is None:
             return new_region
         new = value.clone()
+        new[index] = new_region
+        return new
+
+    def hook_grad(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
+        """`save grad` / `set grad`: a hook on the site's alias (made on the first grad statement)."""
+        alias = self.grad_alias.get(site)
+        if alias is not value:
+            if value.requires_grad:
+                alias = value.clone()
+            else:  # nothing upstream needs a gradient: a leaf of its own receives it
+                alias = value.detach().requires_grad_()
+                self.receivers.append(alias)
+            self.grad_alias[site] = alias
+        if isinstance(statement, ast.Save):
+            name = statement.name or f"{site}.grad"
+            self.grad_shapes[name] = alias if index is None else alias[index]
+
+            def record(grad):
+                self.grads[name] = (grad if index is None else grad[index]).clone()
+
+            alias.register_hook(record)
+        else:
+            alias.register_hook(lambda grad: self._new_grad(statement, grad, index))
+        return alias
+
+    def _new_grad(self, statement, grad: torch.Tensor, index) -> torch.Tensor:
+        region = grad if index is None else grad[index]
+        operand = self._eval(statement.value, region)
+        if isinstance(operand, torch.Tensor):
+            operand = operand.to(grad.dtype)
+        new_region = torch.empty_like(region).copy_(torch.as_tensor(operand, dtype=grad.dtype))
+        if index is None:
+            return new_region
+        new = grad.clone()
         new[index] = new_region
         return new
 

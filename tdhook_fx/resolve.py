@@ -45,11 +45,13 @@ def resolve(program: ast.Program, sites: SiteTable, text: str | None = None, sou
 class _Resolver:
     def __init__(self, sites: SiteTable, text: str | None, source: str):
         self.sites = sites
+        self.modules = sites.modules
         self.text = text
         self.source = source
         self.problems: list[Diagnostic] = []
         self.interventions: list[Intervention] = []
         self.saved: dict[str, tuple[SiteInfo, tuple | None]] = {}
+        self.saved_grads: dict[str, SiteInfo] = {}  # save grad: name -> site
         self.runtime: dict[str, None] = {}
         self.patch_sources: dict[str, None] = {}
         self.stop: Intervention | None = None
@@ -78,13 +80,6 @@ class _Resolver:
         if isinstance(statement, ast.Prune):
             self._prune(statement)
             return
-        if getattr(statement, "grad", False):
-            verb = "save grad" if isinstance(statement, ast.Save) else "set grad"
-            raise _Problem(
-                statement.span,
-                f"'{verb}' is not supported yet: gradients are not compiled into the graph",
-                "save activations with 'save', or use a hook-based tool for gradients for now",
-            )
         targets = self._activation_sites(statement.site, many_ok=isinstance(statement, ast.Save))
         if isinstance(statement, ast.Save) and statement.name is not None and len(targets) > 1:
             raise _Problem(
@@ -96,6 +91,8 @@ class _Resolver:
         for site, index in targets:
             resolved_index = self._index(index, site) if index is not None else None
             region = _region_shape(site, resolved_index)
+            if getattr(statement, "grad", False):
+                _check_differentiable(statement, site)
             if isinstance(statement, ast.Save):
                 self._save(statement, site, resolved_index, region)
                 continue
@@ -117,14 +114,18 @@ class _Resolver:
             self.interventions.append(intervention)
 
     def _save(self, statement: ast.Save, site: SiteInfo, index, region) -> None:
-        name = statement.name or site.name
-        if name in self.saved:
+        name = statement.name or (f"{site.name}.grad" if statement.grad else site.name)
+        if name in self.saved or name in self.saved_grads:
+            own = _identifier(name) + "_2" if statement.grad else name + "_2"
             raise _Problem(
                 statement.span,
                 f"'{name}' is already saved by an earlier statement",
-                f"give this value its own name: {ast.Save(statement.site, name + '_2')}",
+                f"give this value its own name: {ast.Save(statement.site, own, statement.grad)}",
             )
-        self.saved[name] = (site, region)
+        if statement.grad:  # a gradient: it exists only after backward, so '@name' cannot read it
+            self.saved_grads[name] = site
+        else:
+            self.saved[name] = (site, region)
         self.interventions.append(Intervention(statement, site, index, name))
 
     def _prune(self, statement: ast.Prune) -> None:
@@ -221,6 +222,12 @@ class _Resolver:
             ) from None
 
     def _saved(self, expr: ast.Saved, site: SiteInfo):
+        if expr.name in self.saved_grads:
+            raise _Problem(
+                expr.span,
+                f"'@{expr.name}' is a saved gradient, which exists only after the backward pass",
+                "a statement can use activations saved earlier in the run ('save SITE as NAME'), not gradients",
+            )
         if expr.name not in self.saved:
             close = difflib.get_close_matches(expr.name, list(self.saved), n=1)
             raise _Problem(
@@ -304,7 +311,7 @@ class _Resolver:
                 if match.via_selector:
                     skipped.append(match.module)
                     continue
-                module = self.sites.modules[match.module]
+                module = self.modules[match.module]
                 raise _Problem(
                     site.path.span,
                     f"{match.module} ({type(module).__name__}) is not called when the model runs on the example",
@@ -356,13 +363,13 @@ class _Resolver:
 
     def _regex_modules(self, path: ast.RegexPath) -> list[_Match]:
         pattern = re.compile(path.pattern)
-        names = [n for n in self.sites.modules if n and pattern.search(n)]
+        names = [n for n in self.modules if n and pattern.search(n)]
         if not names:
             raise _Problem(path.span, f"/{path.pattern}/ matches no module name")
         return [_Match(n, None, via_selector=True) for n in names]
 
     def _match_path(self, path: ast.Path, activation: bool) -> list[_Match]:
-        modules = self.sites.modules
+        modules = self.modules
         matches = [_Match("", None, via_selector=False)]
         segments = path.segments
         for position, segment in enumerate(segments):
@@ -389,7 +396,7 @@ class _Resolver:
         return matches
 
     def _children(self, match: _Match, segment, path: ast.Path, position: int) -> list[str]:
-        module = self.sites.modules[match.module]
+        module = self.modules[match.module]
         children = [name for name, child in module._modules.items() if child is not None]
         prefix = f"{match.module}." if match.module else ""
         if isinstance(segment, ast.Attr):
@@ -421,7 +428,7 @@ class _Resolver:
         if not -count <= value < count:
             raise _Problem(
                 segment.span,
-                f"{name} has {count} element{'s' if count != 1 else ''}; [{value}] is out of range",
+                f"{name or 'the model'} has {count} element{'s' if count != 1 else ''}; [{value}] is out of range",
                 f"use an index from 0 to {count - 1} (or -1 for the last)" if count else "",
             )
         return value % count
@@ -434,7 +441,7 @@ class _Resolver:
                 f"{written} is a parameter, not an activation",
                 f"save, set, steer and patch act on module inputs and outputs; to prune it: prune {path} 50%",
             )
-        names = [n for n in self.sites.modules if n]
+        names = [n for n in self.modules if n]
         close = difflib.get_close_matches(written, names, n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         return _Problem(path.span, f"unknown module path '{path}'", hint)
@@ -455,7 +462,7 @@ class _Resolver:
             if name in self.sites and self.sites[name].kind == "param":
                 found.append(self.sites[name])
             elif not owner.via_selector:
-                module = self.sites.modules[owner.module]
+                module = self.modules[owner.module]
                 if last.name in module._modules:
                     hint = f"prune one of its parameters: {', '.join(f'{name}.{p}' for p, _ in module._modules[last.name].named_parameters(recurse=False))}"
                     raise _Problem(param.span, f"{name} is a module, not a parameter", hint)
@@ -468,6 +475,22 @@ class _Resolver:
         if not found:
             raise _Problem(param.span, f"'{param}' matches no parameter")
         return found
+
+
+def _check_differentiable(statement, site: SiteInfo) -> None:
+    if not site.dtype.is_floating_point and not site.dtype.is_complex:
+        verb = "save grad" if isinstance(statement, ast.Save) else "set grad"
+        raise _Problem(
+            statement.site.span,
+            f"{site.name} holds {str(site.dtype).removeprefix('torch.')} values, which have no gradient",
+            f"'{verb}' needs a floating-point site (for token ids, use the embedding's output)",
+        )
+
+
+def _identifier(name: str) -> str:
+    """A name usable after 'as' (letters, digits, underscores)."""
+    name = re.sub(r"\W+", "_", name).strip("_") or "value"
+    return name if not name[0].isdigit() else f"_{name}"
 
 
 def _is_selection(segment) -> bool:
@@ -485,7 +508,7 @@ def _dotted(segment) -> str:
 
 
 def _port_names(sites: list[SiteInfo]) -> list[str]:
-    return [f":{s.kind}.{s.item}" for s in sites]
+    return [f":{s.kind}" + (f".{s.item}" if s.item is not None else "") for s in sites]
 
 
 def _region_shape(site: SiteInfo, index) -> tuple | None:

@@ -194,11 +194,14 @@ def _region(shape, index_text: str):
 
 
 @st.composite
-def programs_for(draw, sites, max_statements: int = 5, allow_patch: bool = True, seed_values: int = 0) -> DrawnProgram:
+def programs_for(
+    draw, sites, max_statements: int = 5, allow_patch: bool = True, seed_values: int = 0, grads: bool = False
+) -> DrawnProgram:
     """A valid program over `sites` (a `tdhook_fx.sites(...)` table), with its runtime values.
 
     Draws save / set / steer / patch / prune statements and at most one final stop, each over
-    a real site with indices and values that fit its shape.
+    a real site with indices and values that fit its shape; with `grads`, also `save grad` and
+    `set grad` statements (check those with `assert_equivalent(..., backward=...)`).
     """
     activations = sorted((s for s in sites if s.is_activation and s.eager), key=lambda s: s.order)
     floats = [s for s in activations if s.dtype.is_floating_point and s.shape]
@@ -207,9 +210,10 @@ def programs_for(draw, sites, max_statements: int = 5, allow_patch: bool = True,
     lines: list[str] = []
     values: dict[str, torch.Tensor] = {}
     saved: list[tuple[str, object, tuple]] = []  # (name, site, shape)
+    grad_defaults: set[str] = set()  # default names of saved gradients drawn so far
     patches = False
     count = draw(st.integers(1, max_statements))
-    kinds = ["save", "set", "steer", "prune"] + (["patch"] if allow_patch else [])
+    kinds = ["save", "set", "steer", "prune"] + (["patch"] if allow_patch else []) + (["save_grad", "set_grad"] if grads else [])
     for number in range(count):
         kind = draw(st.sampled_from(kinds)) if floats else "save"
         if kind == "prune" and parameters:
@@ -233,7 +237,15 @@ def programs_for(draw, sites, max_statements: int = 5, allow_patch: bool = True,
             patches = True
             lines.append(f"patch {site.name}{index}")
             continue
+        if kind == "save_grad":
+            default = f"{site.name}.grad" not in grad_defaults and draw(st.booleans())
+            grad_defaults.add(f"{site.name}.grad" if default else "")
+            lines.append(f"save grad {site.name}{index}" + ("" if default else f" as g{number}"))
+            continue
         value = draw(_values(site, region, saved, values, generator, f"v{number}"))
+        if kind == "set_grad":
+            lines.append(f"set grad {site.name}{index} = {value}")
+            continue
         op = "=" if kind == "set" else draw(st.sampled_from(["+=", "-=", "*="]))
         lines.append(f"{kind} {site.name}{index} {op} {value}")
     if draw(st.booleans()):
@@ -244,7 +256,7 @@ def programs_for(draw, sites, max_statements: int = 5, allow_patch: bool = True,
 
 
 def _mentions(line: str, name: str) -> bool:
-    words = line.split()
+    words = [w for w in line.split() if w != "grad"]
     return len(words) > 1 and words[0] != "prune" and words[1].split("[")[0] == name
 
 
@@ -287,8 +299,17 @@ def _numel(shape) -> int:
     return n
 
 
-def assert_equivalent(model, program: str, example, *, in_keys=None, out_keys=None, values=None, sources=None, rtol=1e-5, atol=1e-5):
-    """Compile `program` and check outputs and saved values against the hook reference."""
+def assert_equivalent(
+    model, program: str, example, *, in_keys=None, out_keys=None, values=None, sources=None, backward=None,
+    rtol=1e-5, atol=1e-5,
+):
+    """Compile `program` and check outputs and saved values against the hook reference.
+
+    `backward`: a function of the outputs (a dict keyed as `reference.run` returns them: out_key
+    names and ("saved", name)) that returns a scalar. Given, gradients are checked too: each
+    `save grad`, and the gradients of the floating-point inputs and of the parameters, which
+    show every `set grad`.
+    """
     import tdhook_fx
     from tdhook_fx import reference
 
@@ -296,12 +317,46 @@ def assert_equivalent(model, program: str, example, *, in_keys=None, out_keys=No
     if values:
         compiled.bind(**values)
     inputs = tuple(example.get(k) for k in compiled.in_keys)
+    if backward is not None:
+        inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
     source_inputs = {name: tuple(given) for name, given in (sources or {}).items()}
     got = compiled(*inputs, **source_inputs)
-    want = reference.run(model, program, inputs, in_keys=in_keys, out_keys=out_keys, values=values, sources=sources)
-    flat = {k: v for k, v in got.items() if k != "saved"}
+    flat = {k: v for k, v in got.items() if k not in ("saved", "_grad_delta")}
     flat.update({("saved", k): v for k, v in got.get("saved", {}).items()})
+    if backward is not None:
+        flat.update(_compiled_gradients(model, compiled, inputs, got.get("_grad_delta", {}), backward(flat)))
+    want = reference.run(
+        model, program, inputs, in_keys=in_keys, out_keys=out_keys, values=values, sources=sources, backward=backward
+    )
     assert set(flat) == set(want), f"compiled returns {sorted(map(str, flat))}, reference {sorted(map(str, want))}"
     for key, expected in want.items():
-        torch.testing.assert_close(flat[key], expected, rtol=rtol, atol=atol, msg=lambda m: f"{key}: {m}\nprogram:\n{program}")
+        torch.testing.assert_close(
+            flat[key], expected, rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}\nprogram:\n{program}"
+        )
     return compiled
+
+
+def _compiled_gradients(model, compiled, inputs, deltas: dict, loss) -> dict:
+    """The gradients `reference.run(..., backward=)` reports, computed through the compiled graph."""
+    from tdhook_fx.capture import key_name
+    from tdhook_fx.graphs import fetch_attr
+
+    floats = [(key_name(k), x) for k, x in zip(compiled.in_keys, inputs) if x.is_floating_point()]
+    aliases: dict[int, list[str]] = {}  # tied weights: the graph may hold them under any of their names
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    parameters = {}
+    for name, parameter in model.named_parameters():
+        found = (fetch_attr(compiled.graph_module, f"model.{alias}") for alias in aliases[id(parameter)])
+        parameters[name] = next((p for p in found if p is not None), None)
+    differentiable = {n: p for n, p in parameters.items() if isinstance(p, torch.Tensor) and p.requires_grad}
+    wanted = [x for _, x in floats] + list(differentiable.values()) + list(deltas.values())
+    loss = torch.as_tensor(loss)
+    grads = torch.autograd.grad(loss, wanted, allow_unused=True) if loss.requires_grad else [None] * len(wanted)
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wanted)]
+    result = {("grad", key): g for (key, _), g in zip(floats, grads)}
+    by_name = dict(zip(differentiable, grads[len(floats) :]))
+    for name, parameter in model.named_parameters():
+        result[("param_grad", name)] = by_name.get(name, torch.zeros_like(parameter))
+    result.update({("saved", name): g for name, g in zip(deltas, grads[len(floats) + len(differentiable) :])})
+    return result

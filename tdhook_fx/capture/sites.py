@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 from tdhook_fx.capture.taps import TAP, SiteKey, is_tap
+from tdhook_fx.errors import TdhookFxError
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,21 @@ class SiteInfo:
 class SiteTable:
     """All sites of one capture on one example, looked up by canonical name or by module."""
 
-    def __init__(self, sites: list[SiteInfo], modules: dict[str, nn.Module]):
+    def __init__(self, sites: list[SiteInfo], model: nn.Module):
         self.sites = {s.name: s for s in sites}
-        self.modules = modules  # every named module (called or not), "" for the root
+        # Held weakly: tables are cached per model, and must not keep the model alive.
+        self._model = weakref.ref(model)
         self.by_module: dict[str, list[SiteInfo]] = {}
         for site in sites:
             self.by_module.setdefault(site.module, []).append(site)
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Every named module of the model (called or not), "" for the root."""
+        model = self._model()
+        if model is None:
+            raise TdhookFxError("the model these sites belong to no longer exists")
+        return dict(model.named_modules())
 
     def __iter__(self):
         return iter(self.sites.values())
@@ -90,7 +101,7 @@ def build_site_table(
     for name, parameter in model.named_parameters(remove_duplicate=False):
         module, _, attribute = name.rpartition(".")
         sites.append(SiteInfo(name, module, "param", attribute, 0, tuple(parameter.shape), parameter.dtype, -1))
-    return SiteTable(sites, dict(model.named_modules()))
+    return SiteTable(sites, model)
 
 
 class _TapRecorder(fx.Interpreter):

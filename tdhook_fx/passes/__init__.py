@@ -17,6 +17,7 @@ from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.ir import ResolvedProgram
 from tdhook_fx.graphs import fetch_attr, is_impure, readable
 from tdhook_fx.passes.context import RewriteContext
+from tdhook_fx.passes.grad import insert_save_grad, insert_set_grad, move_grad_inputs_last
 from tdhook_fx.passes.patch import insert_patch
 from tdhook_fx.passes.prune import insert_prune
 from tdhook_fx.passes.save import insert_save
@@ -31,17 +32,20 @@ PASSES = {
     "patch": insert_patch,
     "prune": insert_prune,
     "stop": insert_stop,
+    "save_grad": insert_save_grad,
+    "set_grad": insert_set_grad,
 }
 
 
 @dataclass(frozen=True)
 class Rewritten:
     graph_module: fx.GraphModule
-    # the graph's inputs, in order: model inputs, then runtime values, then patch sources
+    # the graph's inputs, in order: model inputs, runtime values, patch sources, `save grad` deltas
     runtime_names: tuple[str, ...]
     source_inputs: tuple[tuple[str, int], ...]  # (source, in_key position) per source input
     returns_model_outputs: bool
     saved_names: tuple[str, ...]
+    grad_names: tuple[str, ...] = ()  # one zero input per `save grad`; its gradient is the saved one
 
 
 def rewrite(capture: Capture, resolved: ResolvedProgram) -> Rewritten:
@@ -59,7 +63,9 @@ def _finish(ctx: RewriteContext) -> Rewritten:
     values = model_outputs + tuple(ctx.saved[name] for name in saved_names)
     graph.erase_node(output)
     graph.output(values)
+    _tag_inserted(graph, ctx)
     _remove_taps(graph, ctx.original)
+    grad_names = move_grad_inputs_last(graph)
     graph.eliminate_dead_code(is_impure_node=lambda node: is_impure(node, ctx.capture.graph_module))
     graph.lint()
     root = {}
@@ -69,7 +75,17 @@ def _finish(ctx: RewriteContext) -> Rewritten:
             root[node.target] = ctx.attributes[node.target] if own else fetch_attr(ctx.capture.graph_module, node.target)
     graph_module = fx.GraphModule(root, graph, class_name="Rewritten")
     sources = tuple((source, i) for source, nodes in ctx.source_inputs.items() for i in range(len(nodes)))
-    return Rewritten(graph_module, tuple(ctx.runtime), sources, not ctx.stopped, saved_names)
+    return Rewritten(graph_module, tuple(ctx.runtime), sources, not ctx.stopped, saved_names, grad_names)
+
+
+INSERTED = "tdhook_fx"  # node.meta key: "inserted" (by a pass), "source" (a patch source run), "changed"
+
+
+def _tag_inserted(graph: fx.Graph, ctx: RewriteContext) -> None:
+    """Mark the nodes the program added, so tools (show, draw) can tell them from the model's."""
+    for node in graph.nodes:
+        if node not in ctx.original and node.op != "output" and INSERTED not in node.meta:
+            node.meta[INSERTED] = "source" if node in ctx.source_nodes else "inserted"
 
 
 def _remove_taps(graph: fx.Graph, original: set[fx.Node]) -> None:

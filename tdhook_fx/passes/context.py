@@ -54,8 +54,15 @@ class RewriteContext:
 
     @contextmanager
     def after_value(self, site: str):
-        """Insert new nodes, in order, right after the site's current value."""
-        with self.graph.inserting_before(self.current[site].next):
+        """Insert new nodes, in order, right after the site's current value (and its saves).
+
+        Saves of the value sit right after it; new nodes go after them, so a statement may use
+        a value saved from the same site (`save x as a; set x = @a`).
+        """
+        point = self.current[site].next
+        while point in self.pinned:
+            point = point.next
+        with self.graph.inserting_before(point):
             yield
 
     def call(self, target, *args, name: str | None = None) -> fx.Node:
@@ -63,6 +70,12 @@ class RewriteContext:
 
     def method(self, method: str, *args, name: str | None = None) -> fx.Node:
         return self.graph.create_node("call_method", method, args, {}, name=readable(name) if name else None)
+
+    def region(self, value: fx.Node, index: tuple, name: str | None = None) -> fx.Node:
+        """`value[index]`; an index holding runtime values (`$pos`) reads them as tensors (`ops.region`),
+        so that torch.compile does not recompile for every new position."""
+        runtime = any(isinstance(item, fx.Node) for item in index)
+        return self.call(ops.region if runtime else operator.getitem, value, index, name=name)
 
     def replace(self, site: str, new: fx.Node, created: set[fx.Node]) -> None:
         """Make `new` the site's value for everything downstream (except the nodes just made)."""

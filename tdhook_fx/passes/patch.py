@@ -7,8 +7,6 @@ need (their ancestors only, so it stops at the last patched site), fed by new in
 
 from __future__ import annotations
 
-import operator
-
 from torch import fx
 
 from tdhook_fx.capture.taps import is_tap
@@ -26,8 +24,8 @@ def insert_patch(ctx: RewriteContext, intervention: Intervention) -> None:
     old = ctx.current[site]
     index = ctx.index(intervention.index)
     with ctx.after_value(site), ctx.new_nodes() as made:
-        region = old if index is None else ctx.call(operator.getitem, old, index)
-        value = patched if index is None else ctx.call(operator.getitem, patched, index)
+        region = old if index is None else ctx.region(old, index)
+        value = patched if index is None else ctx.region(patched, index)
         function = intervention.statement.function
         if function is not None:
             value = ctx.call(ops.call, ctx.runtime[function.name], region, value, name=function.name)
@@ -54,17 +52,21 @@ def _source_values(ctx: RewriteContext, source: str) -> dict[str, fx.Node]:
         env[original] = ctx.add_input(f"{source}_{main.name}")
     ctx.source_inputs[source] = [env[n] for n in inputs]
     first_compute = next(n for n in ctx.graph.nodes if n.op not in ("placeholder", "get_attr"))
+    kept: dict[str, fx.Node] = {}  # site -> a copy of its value, where later source ops change it in place
     with ctx.graph.inserting_before(first_compute):
         for node in pristine.nodes:
             if node not in needed or node.op == "placeholder":
                 continue
             if is_tap(node):
                 env[node] = env[node.args[0]]
+                if node.args[1] in wanted and ctx.capture.mutates:
+                    kept[node.args[1]] = ctx.method("clone", env[node], name=f"{source}_{node.args[1]}_value")
+                    ctx.source_nodes.add(kept[node.args[1]])
                 continue
             env[node] = ctx.graph.node_copy(node, lambda n: env[n])
             env[node]._rename(readable(f"{source}_{node.name}"))
             ctx.source_nodes.add(env[node])
-    ctx.source_values[source] = {s: env[taps[s]] for s in wanted}
+    ctx.source_values[source] = {s: kept.get(s, env[taps[s]]) for s in wanted}
     return ctx.source_values[source]
 
 

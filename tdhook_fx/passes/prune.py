@@ -81,6 +81,7 @@ def _call_with_masked(ctx: RewriteContext, call: fx.Node, attribute: str, mask: 
     call.replace_all_uses_with(new)
     ctx.graph.erase_node(call)
     ctx.original.add(new)  # still the model's own value (named after its site later)
+    new.meta["tdhook_fx"] = "changed"
 
 
 def _mask(weight: torch.Tensor, amount, statement: ast.Prune) -> torch.Tensor:

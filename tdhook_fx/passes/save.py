@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-
 from tdhook_fx.ir import Intervention
 from tdhook_fx.passes.context import RewriteContext
 
@@ -13,7 +11,7 @@ def insert_save(ctx: RewriteContext, intervention: Intervention) -> None:
     value = ctx.current[site]
     with ctx.after_value(site), ctx.new_nodes() as made:
         if intervention.index is not None:
-            value = ctx.call(operator.getitem, value, ctx.index(intervention.index), name=f"save_{intervention.name}")
+            value = ctx.region(value, ctx.index(intervention.index), name=f"save_{intervention.name}")
         if ctx.capture.mutates:  # the model may change this tensor in place further on
             value = ctx.method("clone", value, name=f"saved_{intervention.name}")
     ctx.saved[intervention.name] = value

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 
 from tdhook_fx.ir import Intervention
@@ -16,7 +14,7 @@ def insert_set(ctx: RewriteContext, intervention: Intervention) -> None:
     old = ctx.current[site]
     index = ctx.index(intervention.index)
     with ctx.after_value(site), ctx.new_nodes() as made:
-        region = old if index is None else ctx.call(operator.getitem, old, index)
+        region = old if index is None else ctx.region(old, index)
         value = ctx.value(intervention.statement.value, region, intervention)
         if index is None:
             target = torch.full_like if isinstance(value, (int, float)) else ops.filled

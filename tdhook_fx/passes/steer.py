@@ -17,7 +17,7 @@ def insert_steer(ctx: RewriteContext, intervention: Intervention) -> None:
     index = ctx.index(intervention.index)
     op = intervention.statement.op
     with ctx.after_value(site), ctx.new_nodes() as made:
-        region = old if index is None else ctx.call(operator.getitem, old, index)
+        region = old if index is None else ctx.region(old, index)
         value = ctx.value(intervention.statement.value, region, intervention)
         if index is None:
             new = ctx.call(_OPERATORS[op], old, value, name=f"steer_{site}")

@@ -16,12 +16,12 @@ from tdhook_fx.syntax.messages import describe_syntax_error
 # Each rule of the grammar (by name or alias) and the AST class it becomes.
 RULE_TO_AST: dict[str, type] = {
     "program": ast.Program,
-    "save": ast.Save,
-    "set": ast.Set,
-    "patch": ast.Patch,
-    "steer": ast.Steer,
-    "prune": ast.Prune,
-    "stop": ast.Stop,
+    "save_statement": ast.Save,
+    "set_statement": ast.Set,
+    "patch_statement": ast.Patch,
+    "steer_statement": ast.Steer,
+    "prune_statement": ast.Prune,
+    "stop_statement": ast.Stop,
     "site": ast.Site,
     "regex_path": ast.RegexPath,
     "path_start": ast.Path,
@@ -119,9 +119,12 @@ def _position(text: str, offset: int) -> tuple[int, int]:
 def _token_position(token: Token, text: str) -> tuple[int, int]:
     if token.type != "$END" and token.line is not None and token.line > 0:
         return token.line, token.column
-    stripped = re.sub(r"(#[^\n]*|\s)+\Z", "", text)  # the end of the last real text
-    lines = stripped.split("\n")
-    return len(lines), len(lines[-1]) + 1
+    lines = text.split("\n")  # the end of the last line with more than blanks and a comment
+    for number in range(len(lines), 0, -1):
+        code = lines[number - 1].split("#", 1)[0].rstrip()
+        if code:
+            return number, len(code) + 1
+    return 1, 1
 
 
 def _offset(text: str, line: int, column: int) -> int:
@@ -154,28 +157,28 @@ class _ToAst(Transformer):
     def program(self, meta, children):
         return ast.Program(tuple(children), span=_span(meta))
 
-    def save(self, meta, children):
+    def save_statement(self, meta, children):
         grad = _has(children, "GRAD")
         site = _first(children, ast.Site)
         name = next((str(c) for c in children if isinstance(c, Token) and c.type == "NAME"), None)
         return ast.Save(site, name, grad, span=_span(meta))
 
-    def set(self, meta, children):
+    def set_statement(self, meta, children):
         grad = _has(children, "GRAD")
         site, value = [c for c in children if not isinstance(c, Token)]
         return ast.Set(site, value, grad, span=_span(meta))
 
-    def patch(self, meta, children):
+    def patch_statement(self, meta, children):
         site, *rest = children
         source = next((str(c) for c in rest if c.type == "NAME"), None)
         function = next((ast.Var(str(c)[1:], span=_token_span(c)) for c in rest if c.type == "VAR"), None)
         return ast.Patch(site, source, function, span=_span(meta))
 
-    def steer(self, meta, children):
+    def steer_statement(self, meta, children):
         site, op, value = children
         return ast.Steer(site, str(op), value, span=_span(meta))
 
-    def prune(self, meta, children):
+    def prune_statement(self, meta, children):
         param, amount, *rest = children
         if isinstance(param, ast.Path) and not isinstance(param.segments[-1], ast.Attr):
             raise _Invalid(
@@ -187,7 +190,7 @@ class _ToAst(Transformer):
         dim = next((_int(c) for c in rest if isinstance(c, Token)), None)
         return ast.Prune(param, amount, criterion, dim, span=_span(meta))
 
-    def stop(self, meta, children):
+    def stop_statement(self, meta, children):
         return ast.Stop(children[0], span=_span(meta))
 
     # ---- sites ----

@@ -116,3 +116,18 @@ def test_replacing_a_submodule_invalidates_the_cached_capture(samples):
         assert not torch.allclose(first(x)["saved"]["2"], second(x)["saved"]["2"])
     finally:
         model[2] = original
+
+
+def test_the_capture_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    from tdhook_fx import zoo
+
+    sample = zoo.mlp()
+    compiled = tdhook_fx.compile(sample.model, "save 0", example=sample.example)
+    model = weakref.ref(sample.model)
+    del sample
+    gc.collect()
+    assert model() is None
+    assert compiled(torch.randn(2, 16))["saved"]["0"].shape == (2, 16)  # the graph keeps what it runs

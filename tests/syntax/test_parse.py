@@ -152,3 +152,13 @@ def test_fuzz_dsl_alphabet(text):
 @given(from_lark(lark_parser(), start="program"))
 def test_fuzz_grammar_derived_text(text):
     _only_syntax_errors(text)
+
+
+def test_parsing_survives_libraries_that_patch_every_object():
+    # nnsight 0.8 adds a `save` attribute to every object; Lark looks rule callbacks up by name.
+    import subprocess
+    import sys
+
+    script = "import nnsight, tdhook_fx; print(tdhook_fx.parse('save x as y; set x = 1'))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines() == ["save x as y", "set x = 1"]
