@@ -1,0 +1,32 @@
+"""tdhook's attribution methods, compiled: the same names, parameters and TensorDict keys.
+
+```python
+from tdhook_fx.attribution import IntegratedGradients
+with IntegratedGradients(init_attr_targets=f, multiply_by_inputs=True).prepare(model) as hooked:
+    td = hooked(td)          # td["attr", "input"]
+```
+
+Each method builds a small program (`save` / `save grad` / `set grad` / `stop`), compiles it
+into the model's graph with `tdhook_fx.compile`, and takes plain `torch.autograd.grad`s
+through the compiled module: no hooks are installed on the model.
+"""
+
+from tdhook_fx.attribution.activation_maximisation import ActivationMaximisation
+from tdhook_fx.attribution.context import AttributedModule, MethodContext
+from tdhook_fx.attribution.grad_cam import DimsConfig, GradCAM
+from tdhook_fx.attribution.gradients import GradientAttribution
+from tdhook_fx.attribution.guided_backpropagation import GuidedBackpropagation
+from tdhook_fx.attribution.integrated_gradients import IntegratedGradients
+from tdhook_fx.attribution.saliency import Saliency
+
+__all__ = [
+    "ActivationMaximisation",
+    "AttributedModule",
+    "DimsConfig",
+    "GradCAM",
+    "GradientAttribution",
+    "GuidedBackpropagation",
+    "IntegratedGradients",
+    "MethodContext",
+    "Saliency",
+]

@@ -1,0 +1,357 @@
+"""The pipeline every gradient attribution shares (tdhook's `GradientAttribution`), compiled.
+
+A call `hooked(td)`:
+1. reads the model inputs (the method may transform them: IG interpolates them) and makes the
+   attributed ones fresh leaves that require grad (the caller's tensors are left unchanged);
+2. runs the compiled program once: the model outputs, plus for each `input_modules` path its
+   activation (`save PATH`) and a zero input whose gradient is the activation's gradient
+   (`save grad PATH`), plus each `target_modules` output (`save PATH`);
+3. builds the targets (model outputs and target-module outputs, by out_key and path, through
+   `init_attr_targets`) and takes one `torch.autograd.grad` of all of them (summed, with
+   `init_attr_grads` or ones) with respect to the attributed inputs and module activations;
+4. turns gradients into attributions (`_grad_attr`, per method) at `(attribution_key, key)`.
+
+No hook is installed: gradients with respect to inputs are plain autograd, with respect to
+module outputs they come from the program's `save grad`. When nothing after the attributed
+modules is needed (`use_outputs=False`), the program stops there (`stop SITE`), so the rest of
+the model is not computed at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDict, TensorDictBase
+
+from tdhook_fx.attribution.context import MethodContext, ModelKeys, join_keys, unwrap
+from tdhook_fx.errors import TdhookFxError
+from tdhook_fx.syntax.ast import variables
+
+INTERMEDIATE = ("_register_in", "_mod_in", "_mod_out", "_cache_in", "_cache_out")
+
+
+class GradientAttribution:
+    """Base of the gradient attributions; the parameters are tdhook's.
+
+    - `use_inputs`: attribute to the model inputs (`init_attr_inputs` picks some of them).
+    - `use_outputs`: the model outputs are targets; `target_modules` add module outputs
+      (keyed by path) to the targets; `init_attr_targets(targets, additional)` selects from them.
+    - `input_modules`: also attribute to these modules' outputs (latent attribution), results at
+      `(attribution_key, path)`. A path is a site of the DSL: a module path (`transformer.h[0].mlp`)
+      or a port of it (`transformer.h.0.attn:out.0`).
+    - `init_attr_grads(targets, additional)`: the gradients the targets start from (ones).
+    - `additional_init_keys`: TensorDict keys passed to the `init_*` callbacks.
+    - `output_grad_callbacks`: {path: callback(module, grad_output, value, direction)} replacing
+      the gradient at a module's output (tdhook's `bwd_pre` setting hook), compiled as `set grad`.
+    - `clean_intermediate_keys=False` also writes `("_mod_in", key)`, `("_mod_out", key)` and
+      `("_cache_in", path)`, as tdhook does (the metrics read `("_mod_out", out_key)`).
+    - `per_target=True` (not in tdhook): each target of `init_attr_targets` gets its own
+      attribution, at `(attribution_key, target, key)`, from the same forward pass (one backward
+      per target) instead of the attribution of their sum.
+    """
+
+    def __init__(
+        self,
+        use_inputs: bool = True,
+        use_outputs: bool = True,
+        input_modules: list[str] | None = None,
+        target_modules: list[str] | None = None,
+        init_attr_targets: Callable | None = None,
+        init_attr_inputs: Callable | None = None,
+        init_attr_cache_in: Callable | None = None,
+        init_attr_grads: Callable | None = None,
+        additional_init_keys: list | None = None,
+        output_grad_callbacks: dict[str, Callable] | None = None,
+        attribution_key="attr",
+        clean_intermediate_keys: bool = True,
+        cache_callback: Callable | None = None,
+        *,
+        per_target: bool = False,
+    ):
+        if cache_callback is not None:
+            raise TdhookFxError(
+                "cache_callback is not supported: a compiled program attributes to a tensor it can name\n"
+                "  hint: name the tensor with a port, e.g. input_modules=['transformer.h.0.attn:out.0']"
+            )
+        self._use_inputs = use_inputs
+        self._use_outputs = use_outputs
+        self._input_modules = list(input_modules or [])
+        self._target_modules = list(target_modules or [])
+        self._init_attr_targets = init_attr_targets
+        self._init_attr_inputs = init_attr_inputs
+        self._init_attr_cache_in = init_attr_cache_in
+        self._init_attr_grads = init_attr_grads
+        self._additional_init_keys = list(additional_init_keys or [])
+        self._output_grad_callbacks = dict(output_grad_callbacks or {})
+        self._attr_key = attribution_key
+        self._clean_intermediate_keys = clean_intermediate_keys
+        self._per_target = per_target
+
+    # ---- tdhook's API -------------------------------------------------------------------------
+
+    def prepare(self, module, in_keys=None, out_keys=None) -> MethodContext:
+        """A context yielding the model prepared for this method: `with m.prepare(model) as h: h(td)`.
+
+        `in_keys`: the TensorDict keys of the model's inputs, in order, or {forward keyword:
+        key} (Hugging Face: `{"inputs_embeds": "embeds"}`); `out_keys`: where its outputs go
+        (Hugging Face outputs are picked by name: `["logits"]`). A TensorDictModule brings its own.
+        """
+        model, in_keys, out_keys = unwrap(module, in_keys, out_keys)
+        keys = ModelKeys.from_prepare(in_keys, out_keys)
+        if set(map(_plain, self._additional_init_keys)) & set(map(_plain, keys.td_in_keys + keys.out_keys)):
+            raise ValueError("Additional init keys must not be in the in_keys or out_keys")
+        return MethodContext(self, model, keys)
+
+    def declared_out_keys(self, keys: ModelKeys) -> list:
+        attributed = list(keys.td_in_keys) if self._use_inputs else []
+        return [join_keys(self._attr_key, k) for k in attributed + self._input_modules]
+
+    # ---- the program --------------------------------------------------------------------------
+
+    def program(self, hooked, inputs: tuple) -> tuple[list[str], dict]:
+        """The DSL lines this method compiles into the model, and the functions they call."""
+        lines = []
+        for i, path in enumerate(self._input_modules):
+            lines += [f"save {path} as act_{i}", f"save grad {path} as grad_{i}"]
+        for i, path in enumerate(self._target_modules):
+            lines.append(f"save {path} as target_{i}")
+        for i, path in enumerate(self._output_grad_callbacks):
+            lines.append(f"set grad {path} = $output_grad_{i}(value)")
+        return lines, {}
+
+    def compile(self, hooked, inputs: tuple):
+        lines, bindings = self.program(hooked, inputs)
+        compiled = hooked.compile_program(lines, inputs, bindings)
+        if not self._use_outputs and compiled.resolved.interventions:
+            # nothing after the last named site is needed: cut the graph there
+            last = max(compiled.resolved.interventions, key=lambda i: i.site.order).site
+            compiled = hooked.compile_program(lines + [f"stop {render_site(last.name)}"], inputs, bindings)
+        self._bind_output_grad_callbacks(hooked, compiled)
+        return compiled
+
+    def _bind_output_grad_callbacks(self, hooked, compiled) -> None:
+        for i, callback in enumerate(self._output_grad_callbacks.values()):
+            name = f"output_grad_{i}"
+            site = next(x.site for x in compiled.resolved.interventions if name in variables(x.statement))
+            compiled.bind(**{name: _output_grad(callback, hooked.model.get_submodule(site.module))})
+
+    # ---- one call -----------------------------------------------------------------------------
+
+    def run(self, hooked, td: TensorDictBase) -> TensorDictBase:
+        for key, value in self.attributions(hooked, td).items():
+            td.set(join_keys(self._attr_key, key), value)
+        return td
+
+    def attributions(self, hooked, td: TensorDictBase) -> dict:
+        """The attributions for `td`, by input key and module path (also writes the intermediates)."""
+        keys: ModelKeys = hooked.keys
+        batch = tuple(td.batch_size)
+        inputs = {k: _read(td, k, "model input") for k in keys.td_in_keys}
+        additional = td.select(*self._additional_init_keys)
+        attributed = self._attributed_inputs(inputs, additional)
+        call_inputs, shape = self.model_inputs(td, inputs, attributed, batch)
+        leaves = {k: call_inputs[k].detach().requires_grad_(True) for k in attributed}
+        ordered = tuple(leaves.get(k, call_inputs[k]) for k in keys.td_in_keys)
+        compiled = hooked.compiled(ordered)
+        with torch.enable_grad():
+            outputs, saved, deltas = hooked.call(compiled, ordered)
+            targets = self._targets(keys, outputs, saved, shape, additional)
+            activations = {p: saved[f"act_{i}"] for i, p in enumerate(self._input_modules)}
+            wrt = dict(leaves)
+            wrt.update(self._module_grad_inputs(activations, deltas, shape, additional))
+            per_target = self._gradients(targets, wrt, additional)
+        values = {k: inputs[k] if k in inputs else _unflatten(activations[k], shape).detach() for k in wrt}
+        attributions = {}
+        for target, grads in per_target.items():
+            grads = {k: _unflatten(g, shape) for k, g in grads.items()}
+            attributions[target] = self._grad_attr(self.reduce_grads(grads, batch), values)
+        attributions = self.finish(hooked, td, attributions, call_inputs, attributed, batch, additional)
+        if not self._clean_intermediate_keys:
+            self._write_intermediates(td, keys, ordered, outputs, activations, shape)
+        return {
+            key if target is None else join_keys(target, key): value
+            for target, found in attributions.items()
+            for key, value in found.items()
+        }
+
+    def model_outputs(self, hooked, td: TensorDictBase) -> TensorDictBase:
+        """The model's outputs on `td`'s inputs at ("_mod_out", out_key), without gradients.
+
+        Used by the metrics (see `AttributedModule.outputs`). Always the outputs at the inputs
+        themselves, also for IntegratedGradients (whose intermediate ("_mod_out", key) holds the
+        outputs along the path).
+        """
+        keys: ModelKeys = hooked.keys
+        inputs = {k: _read(td, k, "model input") for k in keys.td_in_keys}
+        call_inputs, shape = GradientAttribution.model_inputs(self, td, inputs, [], tuple(td.batch_size))
+        ordered = tuple(call_inputs[k] for k in keys.td_in_keys)
+        with torch.no_grad():
+            outputs, _, _ = hooked.call(hooked.compiled(ordered), ordered)
+        result = td.empty()
+        for key, value in zip(keys.out_keys, outputs):
+            result.set(join_keys("_mod_out", key), _unflatten(value, shape))
+        return result
+
+    # ---- steps a method may change ------------------------------------------------------------
+
+    def model_inputs(self, td, inputs: dict, attributed: list, batch: tuple) -> tuple[dict, tuple]:
+        """The tensors the model is called with (batch dims flattened) and the batch shape of its results."""
+        return {k: _flatten(x, len(batch)) for k, x in inputs.items()}, batch
+
+    def reduce_grads(self, grads: dict, batch: tuple) -> dict:
+        """Gradients shaped like the results' batch, reduced to the TensorDict's batch."""
+        return grads
+
+    def _grad_attr(self, grads: dict, values: dict) -> dict:
+        """Attributions from the gradients (per key) and the values they are gradients of."""
+        raise NotImplementedError
+
+    def finish(self, hooked, td, attributions: dict, call_inputs, attributed, batch, additional) -> dict:
+        """Last changes to the attributions {target (None: all together): {key: attribution}}
+        (IG multiplies by inputs and checks convergence here)."""
+        return attributions
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _attributed_inputs(self, inputs: dict, additional) -> list:
+        if self._init_attr_inputs is not None and self._use_inputs:
+            chosen = self._init_attr_inputs(TensorDict(inputs, batch_size=[]), additional)
+            if not isinstance(chosen, TensorDictBase):
+                raise ValueError("init_attr_inputs function must return a TensorDict")
+            keys = [k for k in inputs if _plain(k) in set(map(_plain, chosen.keys(True, True)))]
+        elif self._use_inputs:  # integer inputs (token ids, masks) have no gradient: skip them
+            keys = [k for k, x in inputs.items() if x.is_floating_point()] or list(inputs)
+        else:
+            keys = []
+        for key in keys:
+            if not inputs[key].is_floating_point():
+                raise TdhookFxError(
+                    f"cannot attribute to the input {key!r}: it holds {str(inputs[key].dtype).removeprefix('torch.')} "
+                    "values, which have no gradient\n"
+                    "  hint: attribute to the embeddings instead: use_inputs=False, input_modules=['<embedding path>'],"
+                    " or pass the embeddings (Hugging Face: in_keys={'inputs_embeds': 'embeds'})"
+                )
+        return keys
+
+    def _targets(self, keys: ModelKeys, outputs, saved: dict, shape: tuple, additional) -> TensorDictBase:
+        values = {}
+        if self._use_outputs:
+            values.update({k: _unflatten(o, shape) for k, o in zip(keys.out_keys, outputs)})
+        for i, path in enumerate(self._target_modules):
+            values[path] = _unflatten(saved[f"target_{i}"], shape)
+        targets = TensorDict(values, batch_size=shape)
+        if self._init_attr_targets is not None:
+            targets = self._init_attr_targets(targets, additional)
+            if not isinstance(targets, TensorDictBase):
+                raise ValueError("init_attr_targets function must return a TensorDict")
+        return targets
+
+    def _module_grad_inputs(self, activations: dict, deltas: dict, shape: tuple, additional) -> dict:
+        chosen = list(activations)
+        if self._init_attr_cache_in is not None and chosen:
+            given = TensorDict({p: _unflatten(a, shape) for p, a in activations.items()}, batch_size=shape)
+            selected = self._init_attr_cache_in(given, additional)
+            if not isinstance(selected, TensorDictBase):
+                raise ValueError("init_attr_cache_in function must return a TensorDict")
+            chosen = [p for p in chosen if p in set(selected.keys(True, True))]
+        return {p: deltas[f"grad_{self._input_modules.index(p)}"] for p in chosen}
+
+    def _gradients(self, targets: TensorDictBase, wrt: dict, additional) -> dict:
+        """{None: gradients of the targets' sum}, or with per_target {target: its gradients}, by key."""
+        if not wrt:
+            raise TdhookFxError(
+                "nothing to attribute to: use_inputs is False and no input_modules are given\n"
+                "  hint: set use_inputs=True or name modules in input_modules"
+            )
+        names = list(targets.keys(True, True))
+        tensors = [targets.get(n) for n in names]
+        for name, tensor in zip(names, tensors):
+            if tensor.grad_fn is None:
+                raise ValueError(
+                    f"Target {name} has no grad_fn: it does not depend on what is attributed\n"
+                    "  hint: init_attr_targets must return values computed from the outputs it receives"
+                )
+        if self._init_attr_grads is not None:
+            init = self._init_attr_grads(targets, additional)
+            if not isinstance(init, TensorDictBase):
+                raise ValueError("init_attr_grads function must return a TensorDict")
+            if init.batch_size != targets.batch_size:
+                raise ValueError("init_grads should have the same batch size as targets")
+            if set(init.keys(True, True)) != set(names):
+                raise ValueError("Targets and init_grads must have the same keys")
+            starts = [init.get(n) for n in names]
+        else:
+            starts = [torch.ones_like(t) for t in tensors]
+        inputs = list(wrt.values())
+        if not self._per_target:
+            grads = torch.autograd.grad(tensors, inputs, starts, allow_unused=True)
+            return {None: _fill(wrt, grads)}
+        found = {}
+        for i, (name, tensor, start) in enumerate(zip(names, tensors, starts)):
+            grads = torch.autograd.grad(tensor, inputs, start, retain_graph=i < len(names) - 1, allow_unused=True)
+            found[name] = _fill(wrt, grads)
+        return found
+
+    def _write_intermediates(self, td, keys: ModelKeys, ordered, outputs, activations, shape) -> None:
+        for key, value in zip(keys.td_in_keys, ordered):
+            td.set(join_keys("_register_in", key), _unflatten(value.detach(), shape))
+            td.set(join_keys("_mod_in", key), _unflatten(value.detach(), shape))
+        for key, value in zip(keys.out_keys, outputs):
+            td.set(join_keys("_mod_out", key), _unflatten(value.detach(), shape))
+        for path, value in activations.items():
+            td.set(join_keys("_cache_in", path), _unflatten(value.detach(), shape))
+
+
+def render_site(name: str) -> str:
+    """A canonical site name ("h.0.attn:out.0", "blk/0.act@1") written as DSL site text."""
+    import re
+
+    module, _, port = name.partition(":")
+    module, _, call = module.partition("@")
+    keywords = {"grad", "out", "in", "value", "zeros", "mean", "as", "save", "set", "stop"}
+
+    def segment(s: str) -> str:
+        return s if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+", s) and s not in keywords else f"<{s}>"
+
+    text = ".".join(segment(s) for s in module.split("."))
+    return text + (f"@{call}" if call else "") + (f":{port}" if port else "")
+
+
+def _output_grad(callback: Callable, module) -> Callable:
+    """tdhook's bwd_pre setting callback as a function of the gradient (`set grad ... = $f(value)`)."""
+
+    def replace(grad: torch.Tensor) -> torch.Tensor:
+        new = callback(module=module, grad_output=(grad,), value=None, direction="bwd_pre")
+        return grad if new is None else new[0]
+
+    return replace
+
+
+def _fill(wrt: dict, grads) -> dict:
+    """Gradients by key; zeros where the targets do not depend on the value."""
+    return {k: torch.zeros_like(w) if g is None else g for (k, w), g in zip(wrt.items(), grads)}
+
+
+def _read(td: TensorDictBase, key, what: str) -> torch.Tensor:
+    value = td.get(key, None)
+    if not isinstance(value, torch.Tensor):
+        raise KeyError(
+            f"the TensorDict has no {what} at {key!r}; its keys: "
+            f"{sorted(map(str, td.keys(include_nested=True, leaves_only=True)))}"
+        )
+    return value
+
+
+def _plain(key):
+    return key[0] if isinstance(key, tuple) and len(key) == 1 else key
+
+
+def _flatten(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    """The batch dims merged into one (a model sees one batch dimension); none stay none."""
+    return x if batch_dims == 0 else x.reshape(-1, *x.shape[batch_dims:])
+
+
+def _unflatten(x: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """The flat batch dim of a result split back into `shape`."""
+    return x if not shape else x.reshape(*shape, *x.shape[1:])

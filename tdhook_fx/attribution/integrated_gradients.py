@@ -1,0 +1,161 @@
+"""Integrated gradients (Sundararajan et al. 2017), in one batched forward and backward.
+
+The `n_steps` points between the baseline and the input are stacked along a new batch
+dimension (tdhook's layout: batch `(*batch, n_steps)`, flattened for the model), so the
+compiled graph runs once on all of them and one `autograd.grad` gives every step's gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tdhook_fx.attribution.context import join_keys
+from tdhook_fx.attribution.gradients import GradientAttribution, _flatten
+from tdhook_fx.attribution.quadrature import quadrature
+
+
+class IntegratedGradients(GradientAttribution):
+    """tdhook's `IntegratedGradients`.
+
+    - `method`: "gausslegendre" (default), "riemann_left", "riemann_right", "riemann_middle"
+      or "riemann_trapezoid"; `n_steps` points.
+    - The baseline of input `key` is read at `(baseline_key, key)` (same shape as the input).
+    - `(attr, key)` is the path integral of the gradient; `multiply_by_inputs=True` multiplies
+      it by `input - baseline` (the usual IG attribution, whose sum approximates
+      f(input) - f(baseline)).
+    - `compute_convergence_delta`: writes `convergence_delta` = sum of the attributions minus
+      (F(input) - F(baseline)), F being the targets summed (one more forward pass, on the
+      inputs and the baselines together, without gradients).
+    - Several targets (several keys from `init_attr_targets`) are attributed together, as
+      their sum, in the same single pass (tdhook's semantics); with `per_target=True` each gets
+      its own attribution `(attr, target, key)` (and `("convergence_delta", target)`), still
+      from one forward pass.
+    """
+
+    def __init__(
+        self,
+        *args,
+        compute_convergence_delta: bool = False,
+        baseline_key="baseline",
+        multiply_by_inputs: bool = False,
+        method: str = "gausslegendre",
+        n_steps: int = 50,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self._compute_convergence_delta = compute_convergence_delta
+        self._baseline_key = baseline_key
+        self._multiply_by_inputs = multiply_by_inputs
+        self._method = method
+        self._n_steps = n_steps
+        self._alphas, self._step_sizes = quadrature(method, n_steps)
+
+    def declared_out_keys(self, keys) -> list:
+        delta = ["convergence_delta"] if self._compute_convergence_delta else []
+        return super().declared_out_keys(keys) + delta
+
+    def model_inputs(self, td, inputs: dict, attributed: list, batch: tuple) -> tuple[dict, tuple]:
+        n, nb = self._n_steps, len(batch)
+        shape = (*batch, n)
+        call_inputs = {}
+        for key, x in inputs.items():
+            feature = x.shape[nb:]
+            if key in attributed:
+                baseline = self._baseline(td, key, x)
+                alphas = torch.tensor(self._alphas, dtype=x.dtype, device=x.device).view(*(1,) * nb, n, *(1,) * len(feature))
+                points = torch.addcmul(baseline.unsqueeze(nb), (x - baseline).unsqueeze(nb), alphas)
+            else:
+                points = x.unsqueeze(nb).expand(*batch, n, *feature)
+            call_inputs[key] = points.reshape(-1, *feature)
+        return call_inputs, shape
+
+    def reduce_grads(self, grads: dict, batch: tuple) -> dict:
+        nb = len(batch)
+        reduced = {}
+        for key, grad in grads.items():
+            steps = torch.tensor(self._step_sizes, dtype=grad.dtype, device=grad.device)
+            reduced[key] = torch.tensordot(grad.movedim(nb, -1), steps, dims=1)
+        return reduced
+
+    def _grad_attr(self, grads: dict, values: dict) -> dict:
+        return grads
+
+    def finish(self, hooked, td, attributions: dict, call_inputs, attributed, batch, additional) -> dict:
+        nb = len(batch)
+        if self._multiply_by_inputs:
+            for found in attributions.values():
+                for key in attributed:
+                    x = td.get(key)
+                    found[key] = found[key] * (x - self._baseline(td, key, x))
+        if self._compute_convergence_delta:
+            start, end = self._target_sums(hooked, td, attributed, batch, additional)
+            for target, found in attributions.items():
+                total = sum(_feature_sum(found[k], nb) for k in found)
+                names = list(start) if target is None else [target]
+                change = sum(end[name] - start[name] for name in names)
+                td.set("convergence_delta" if target is None else join_keys("convergence_delta", target), total - change)
+        return attributions
+
+    def _target_sums(self, hooked, td, attributed, batch, additional) -> list[dict]:
+        """[F(baseline), F(input)] per target (summed over its features), from one forward pass
+        on both (no gradients)."""
+        keys = hooked.keys
+        nb = len(batch)
+        both = []
+        for key in keys.td_in_keys:
+            x = td.get(key)
+            start = self._baseline(td, key, x) if key in attributed else x
+            both.append(torch.cat([_flatten(start, nb), _flatten(x, nb)]) if nb else torch.stack([start, x]))
+        with torch.no_grad():
+            outputs, saved, _ = hooked.call(hooked.compiled(tuple(both)), tuple(both))
+        sums = []
+        for half in range(2):
+
+            def part(value: torch.Tensor, half=half) -> torch.Tensor:
+                return value.chunk(2)[half] if nb else value[half]
+
+            targets = self._targets(keys, [part(o) for o in outputs], {k: part(v) for k, v in saved.items()}, batch, additional)
+            sums.append({k: _feature_sum(targets.get(k), nb) for k in targets.keys(True, True)})
+        return sums
+
+    def _baseline(self, td, key, like: torch.Tensor) -> torch.Tensor:
+        where = join_keys(self._baseline_key, key)
+        baseline = td.get(where, None)
+        if baseline is None:
+            raise KeyError(
+                f"no baseline for the input {key!r}: IntegratedGradients reads it at {where!r}\n"
+                f"  hint: td[{where!r}] = torch.zeros_like(td[{key!r}])"
+            )
+        if baseline.shape != like.shape:
+            raise ValueError(f"the baseline at {where!r} has shape {tuple(baseline.shape)}; the input has {tuple(like.shape)}")
+        return baseline
+
+
+def _labelled(outputs, additional, selected_out_keys, label_key="label"):
+    """tdhook's `IntegratedGradients.init_attr_targets_with_labels`: each selected output at the
+    example's label (use with functools.partial). The labels are a tensor of the TensorDict's
+    batch shape, or (as tdhook requires) a TensorDict of them keyed like the outputs."""
+    from tensordict import TensorDict, TensorDictBase
+
+    targets = outputs.select(*selected_out_keys)
+    given = additional[label_key]
+    found = {}
+    for key in targets.keys(True, True):
+        labels = given[key] if isinstance(given, TensorDictBase) else given
+        labels = labels.reshape(*labels.shape, *[1] * (targets.batch_dims - labels.dim())).expand(targets.batch_size)
+        value = targets[key]
+        if value.shape[:-1] != targets.batch_size:
+            raise ValueError(
+                f"output {key!r} has shape {tuple(value.shape)}: labels select along its last dim, "
+                f"which must follow the batch dims {list(targets.batch_size)}"
+            )
+        found[key] = value.gather(-1, labels.unsqueeze(-1).long()).squeeze(-1)
+    return TensorDict(found, batch_size=targets.batch_size)
+
+
+IntegratedGradients.init_attr_targets_with_labels = staticmethod(_labelled)
+
+
+def _feature_sum(x: torch.Tensor, batch_dims: int) -> torch.Tensor:
+    dims = tuple(range(batch_dims, x.dim()))
+    return x.sum(dim=dims) if dims else x

@@ -1,0 +1,149 @@
+"""Figures of attributions: a heatmap over an image, or tokens coloured by their scores.
+
+matplotlib is an optional dependency (`pip install "tdhook_fx[plot]"`). The functions return a
+`matplotlib.figure.Figure` made without pyplot (no global state, any backend, headless):
+`fig.savefig("attr.png")`, or `display(fig)` in a notebook. Pass `ax=` to draw into your own
+axes instead (its figure is returned).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+_SIGNS = ("all", "positive", "negative", "absolute")
+
+
+def image_attribution(
+    attribution: torch.Tensor,
+    image: torch.Tensor | None = None,
+    *,
+    ax=None,
+    sign: str = "all",
+    cmap: str | None = None,
+    alpha: float = 0.6,
+    title: str | None = None,
+    colorbar: bool = True,
+):
+    """A heatmap of an image attribution, over the image if given.
+
+    `attribution`: (H, W), or (C, H, W) / (H, W, C) summed over channels (the channel dim is
+    the one of size 1, 3 or 4 when the layout is ambiguous). `image`: (H, W), (C, H, W) or
+    (H, W, C), shown in grey or colour beneath (rescaled to [0, 1]). `sign`: "all" (a diverging
+    map centred on 0), "positive", "negative" or "absolute".
+    """
+    if sign not in _SIGNS:
+        raise ValueError(f"sign must be one of {_SIGNS}, not {sign!r}")
+    heat = _to_2d(attribution, "attribution")
+    if sign == "positive":
+        heat = heat.clamp(min=0)
+    elif sign == "negative":
+        heat = (-heat).clamp(min=0)
+    elif sign == "absolute":
+        heat = heat.abs()
+    figure, ax = _axes(ax)
+    if image is not None:
+        picture = _to_image(image)
+        if picture.shape[:2] != heat.shape:
+            raise ValueError(f"the image is {tuple(picture.shape[:2])} pixels but the attribution is {tuple(heat.shape)}")
+        ax.imshow(picture.numpy(), cmap="gray" if picture.dim() == 2 else None)
+    limit = float(heat.abs().max()) or 1.0
+    if sign == "all":
+        shown = ax.imshow(heat.numpy(), cmap=cmap or "bwr", vmin=-limit, vmax=limit, alpha=alpha if image is not None else 1.0)
+    else:
+        shown = ax.imshow(heat.numpy(), cmap=cmap or "inferno", vmin=0, vmax=limit, alpha=alpha if image is not None else 1.0)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    return figure
+
+
+def token_attribution(
+    tokens: Sequence[str],
+    scores: torch.Tensor,
+    *,
+    ax=None,
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+    per_line: int = 12,
+):
+    """Tokens written in boxes coloured by their scores (red positive, blue negative, centred on 0).
+
+    `scores`: one per token (a (T, D) embedding attribution is summed over D first).
+    """
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    values = torch.as_tensor(scores).detach().float().cpu()
+    if values.dim() == 2:
+        values = values.sum(-1)
+    if values.dim() != 1 or len(values) != len(tokens):
+        raise ValueError(f"need one score per token: {len(tokens)} tokens, scores of shape {tuple(values.shape)}")
+    limit = float(values.abs().max()) or 1.0
+    colour = colormaps[cmap]
+    norm = Normalize(-limit, limit)
+    rows = max(1, -(-len(tokens) // per_line))
+    figure, ax = _axes(ax, size=(min(len(tokens), per_line) * 0.9 + 0.6, rows * 0.6 + (0.5 if title else 0.2)))
+    ax.set_xlim(0, per_line)
+    ax.set_ylim(rows, 0)
+    ax.axis("off")
+    for i, (token, value) in enumerate(zip(tokens, values.tolist())):
+        row, column = divmod(i, per_line)
+        ax.text(
+            column + 0.5, row + 0.5, token, ha="center", va="center", fontsize=10,
+            color="white" if abs(value) > 0.6 * limit else "black",
+            bbox={"boxstyle": "round,pad=0.3", "facecolor": colour(norm(value)), "edgecolor": "none"},
+        )
+    if title:
+        ax.set_title(title)
+    return figure
+
+
+def _axes(ax, size=(5, 4)):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # an optional dependency: say how to get it
+        raise ImportError(
+            "tdhook_fx.plotting needs matplotlib\n  hint: pip install 'tdhook_fx[plot]' (or pip install matplotlib)"
+        ) from error
+    if ax is not None:
+        return ax.figure, ax
+    figure = Figure(figsize=size, layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def _to_2d(attribution: torch.Tensor, what: str) -> torch.Tensor:
+    x = torch.as_tensor(attribution).detach().float().cpu()
+    if x.dim() == 3:
+        x = x.sum(_channel_dim(x))
+    if x.dim() != 2:
+        raise ValueError(f"the {what} must be (H, W), (C, H, W) or (H, W, C); got shape {tuple(x.shape)}")
+    return x
+
+
+def _to_image(image: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(image).detach().float().cpu()
+    if x.dim() == 3:
+        x = x.movedim(_channel_dim(x), -1)
+        if x.shape[-1] == 1:
+            x = x[..., 0]
+    if x.dim() not in (2, 3):
+        raise ValueError(f"the image must be (H, W), (C, H, W) or (H, W, C); got shape {tuple(x.shape)}")
+    low, high = x.min(), x.max()
+    return (x - low) / (high - low) if high > low else torch.zeros_like(x)
+
+
+def _channel_dim(x: torch.Tensor) -> int:
+    """0 for (C, H, W), 2 for (H, W, C): the first dim of size 1, 3 or 4, else the smallest."""
+    if x.shape[0] in (1, 3, 4):
+        return 0
+    if x.shape[-1] in (1, 3, 4):
+        return 2
+    return 0 if x.shape[0] <= x.shape[-1] else 2
+
+
+__all__ = ["image_attribution", "token_attribution"]

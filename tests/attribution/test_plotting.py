@@ -1,0 +1,67 @@
+"""Figures from attributions (matplotlib, without pyplot)."""
+
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+
+from matplotlib.figure import Figure
+
+from tdhook_fx.plotting import image_attribution, token_attribution
+
+
+@pytest.mark.parametrize("shape", [(8, 8), (3, 8, 8), (8, 8, 3), (1, 8, 8)])
+def test_image_attribution_accepts_the_usual_layouts(shape):
+    figure = image_attribution(torch.randn(shape), torch.rand(shape))
+    assert isinstance(figure, Figure)
+    heat = figure.axes[0].images[-1].get_array()
+    assert heat.shape == (8, 8)
+
+
+@pytest.mark.parametrize("sign", ["all", "positive", "negative", "absolute"])
+def test_image_attribution_signs(sign, tmp_path):
+    attribution = torch.linspace(-1, 1, 64).reshape(8, 8)
+    figure = image_attribution(attribution, sign=sign, colorbar=False)
+    heat = figure.axes[0].images[-1].get_array()
+    assert heat.min() >= (-1 if sign == "all" else 0)
+    figure.savefig(tmp_path / "heat.png")
+    assert (tmp_path / "heat.png").stat().st_size > 0
+
+
+def test_image_attribution_draws_into_given_axes():
+    figure = Figure()
+    axes = figure.subplots(1, 2)
+    assert image_attribution(torch.randn(4, 4), ax=axes[1], title="IG") is figure
+    assert axes[1].get_title() == "IG"
+
+
+def test_image_attribution_errors():
+    with pytest.raises(ValueError, match="sign must be one of"):
+        image_attribution(torch.randn(4, 4), sign="up")
+    with pytest.raises(ValueError, match=r"\(H, W\), \(C, H, W\) or \(H, W, C\)"):
+        image_attribution(torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="pixels but the attribution"):
+        image_attribution(torch.randn(4, 4), torch.rand(5, 5))
+
+
+def test_token_attribution_colours_each_token():
+    tokens = ["the", "cat", "sat"]
+    figure = token_attribution(tokens, torch.tensor([0.1, -2.0, 0.5]), title="why")
+    texts = [t.get_text() for t in figure.axes[0].texts]
+    assert texts == tokens
+    colours = [t.get_bbox_patch().get_facecolor() for t in figure.axes[0].texts]
+    assert colours[1][2] > colours[1][0]  # negative: blue
+    assert token_attribution(tokens, torch.randn(3, 16)).axes  # an embedding attribution is summed
+
+
+def test_token_attribution_needs_one_score_per_token():
+    with pytest.raises(ValueError, match="one score per token"):
+        token_attribution(["a", "b"], torch.ones(3))
+
+
+def test_without_matplotlib_the_error_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    with pytest.raises(ImportError, match=r"pip install 'tdhook_fx\[plot\]'"):
+        image_attribution(torch.randn(4, 4))
