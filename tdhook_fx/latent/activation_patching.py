@@ -1,0 +1,165 @@
+"""ActivationPatching: run the patched inputs with activations taken from the clean run.
+
+tdhook's semantics: the model runs on the clean inputs (`in_keys`, writing `out_keys`) and on
+the patched inputs (`(patch_key, in_key)`, writing `(patch_key, out_key)`); in the patched run
+each listed module's output is replaced by its clean value, or by
+`patch_fn(module_key=..., output=patched_value, output_to_patch=clean_value)`.
+
+Compiled as one fused pass: the clean and patched inputs are stacked along the batch and
+`set SITE = $patch_fn_0(value)` splits the site's value in two halves, keeps the clean half
+and replaces the patched half. That is exact when batch elements do not interact (a model
+in eval mode). In training mode, or where the inputs cannot be stacked, the program is
+`patch SITE from clean with $patch_fn_0` (the compiler's fused source prefix) on the patched
+inputs, plus a plain compiled pass on the clean inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+from tensordict.utils import NestedKey
+
+from tdhook_fx.contexts import HookingContextFactory
+from tdhook_fx.errors import TdhookFxError
+from tdhook_fx.paths import refer
+from tdhook_fx.programs import (
+    ProgramBuilder,
+    add_replace,
+    calls,
+    dsl_site,
+    execute,
+    ports,
+    sites_for,
+)
+from tdhook_fx.syntax import ast
+
+CLEAN_SOURCE = "clean"
+
+
+class PatchShapeError(TdhookFxError, ValueError):
+    """A `patch_fn` returned a tensor whose shape differs from the activation it replaces."""
+
+
+class ActivationPatching(HookingContextFactory):
+    """Patch the listed modules' outputs into the run on `(patch_key, in_key)`."""
+
+    def __init__(
+        self,
+        modules_to_patch: list[str],
+        patch_key: NestedKey = "patched",
+        clean_intermediate_keys: bool = True,
+        patch_fn: Callable | None = None,
+        cache_callback: Callable | None = None,
+    ):
+        super().__init__()
+        if cache_callback is not None:
+            raise TdhookFxError(
+                "ActivationPatching(cache_callback=...) is not supported by tdhook_fx: the clean value is "
+                "taken as the module produces it\n"
+                "  hint: transform it in patch_fn(module_key, output, output_to_patch)"
+            )
+        self._modules_to_patch = list(modules_to_patch)
+        self._patch_key = patch_key
+        self._clean_intermediate_keys = clean_intermediate_keys
+        self._patch_fn = patch_fn
+
+    def _forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
+        interface = hooked.interface
+        clean = interface.inputs(td)
+        patched = interface.inputs(
+            td,
+            self._patch_key,
+            "the inputs of the patched run",
+            f"put the source inputs at td[{_nested(self._patch_key, interface.in_keys[0])!r}]",
+        )
+        refs = [refer(interface.root, interface.model, path) for path in self._modules_to_patch]
+        if self._can_stack(hooked, td, clean, patched):
+            clean_outputs, patched_outputs = self._stacked(hooked, refs, clean, patched)
+        else:
+            clean_outputs, patched_outputs = self._with_source(hooked, refs, clean, patched)
+        for key, value in clean_outputs.items():
+            td.set(key, value)
+        for key, value in patched_outputs.items():
+            td.set(_nested(self._patch_key, key), value)
+        return td
+
+    def _can_stack(self, hooked, td, clean, patched) -> bool:
+        return (
+            not hooked.interface.model.training
+            and td.batch_dims >= 1
+            and all(c.shape == p.shape and c.dtype == p.dtype for c, p in zip(clean, patched))
+        )
+
+    def _stacked(self, hooked, refs, clean, patched):
+        """One pass on [clean; patched]: each site's patched half takes the clean half's value."""
+        interface = hooked.interface
+        inputs = tuple(torch.cat([c, p]) for c, p in zip(clean, patched))
+        half = clean[0].shape[0]
+        table = sites_for(interface, inputs)
+        builder = ProgramBuilder()
+        for ref in refs:
+            for call in range(_calls(table, ref)):
+
+                def patch_halves(value, _key=ref.key):
+                    source, target = value[:half], value[half:]
+                    return torch.cat([source, self._replacement(_key, target, source)])
+
+                add_replace(builder, table, ref.key, ref.name, call, patch_halves, prefix="patch_fn")
+        result = execute(interface, builder, inputs, source="ActivationPatching program")
+        hooked._set_compiled(result.compiled)
+        outputs = result.outputs
+        return {k: v[:half] for k, v in outputs.items()}, {k: v[half:] for k, v in outputs.items()}
+
+    def _with_source(self, hooked, refs, clean, patched):
+        """`patch SITE from clean with $f` on the patched inputs, and a plain pass on the clean ones."""
+        interface = hooked.interface
+        table = sites_for(interface, patched)
+        builder = ProgramBuilder()
+        for ref in refs:
+            for call in range(_calls(table, ref)):
+                sites = ports(table, ref.name, "out", call)
+                if len(sites) != 1:
+                    raise TdhookFxError(f"{ref.key} produces {len(sites)} tensors; patching needs one")
+
+                def patch_value(target, source, _key=ref.key):
+                    return self._replacement(_key, target, source)
+
+                function = builder.var("patch_fn", patch_value)
+                builder.add(ast.Patch(dsl_site(table, sites[0]), CLEAN_SOURCE, function))
+        result = execute(
+            interface, builder, patched, sources={CLEAN_SOURCE: clean}, source="ActivationPatching program"
+        )
+        plain = execute(interface, ProgramBuilder(), clean, source="ActivationPatching clean run")
+        hooked._set_compiled(result.compiled)
+        return plain.outputs, result.outputs
+
+    def _replacement(self, key: str, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        if self._patch_fn is None:
+            return source
+        value = self._patch_fn(module_key=key, output=target, output_to_patch=source)
+        if value is None:
+            return source
+        if not isinstance(value, torch.Tensor) or value.shape != target.shape:
+            got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise PatchShapeError(
+                f"patch_fn returned {got} at {key}, whose activation has shape {tuple(target.shape)}\n"
+                "  hint: return a tensor shaped like `output` (or None to use `output_to_patch`)"
+            )
+        return value
+
+
+def _calls(table, ref) -> int:
+    count = calls(table, ref.name)
+    if not count:
+        raise TdhookFxError(
+            f"{ref.key} is never called when the model runs on these inputs, so it cannot be patched"
+        )
+    return count
+
+
+def _nested(group, key) -> tuple:
+    group = group if isinstance(group, tuple) else (group,)
+    key = key if isinstance(key, tuple) else (key,)
+    return (*group, *key)

@@ -1,0 +1,122 @@
+"""Steering: apply a steering function (SteeringVectors) or extract a vector (ActivationAddition).
+
+`SteeringVectors(["transformer.h.1.mlp"], steer_fn)` compiles to
+`set transformer.h.1.mlp = $steer_fn_0(value)`, where `$steer_fn_0` calls
+`steer_fn(module_key="transformer.h.1.mlp", output=value)` inside the rewritten graph (a
+return value of None keeps the output). One statement per module call.
+
+`ActivationAddition(["transformer.h.1.mlp"])` compiles `save` statements (cut short by a
+`stop` after the last one, since nothing later is needed), runs them on the positive and on
+the negative inputs, and returns tdhook's TensorDict (batch size ()) holding
+`(steer_key, path) = mean over the batch of (positive - negative)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tensordict import TensorDict, TensorDictBase
+from tensordict.utils import NestedKey
+
+from tdhook_fx.contexts import HookingContextFactory
+from tdhook_fx.paths import refer
+from tdhook_fx.programs import (
+    ProgramBuilder,
+    add_read,
+    add_replace,
+    calls,
+    dsl_site,
+    execute,
+    sites_for,
+)
+from tdhook_fx.syntax import ast
+
+
+class SteeringVectors(HookingContextFactory):
+    """Replace each module's output by `steer_fn(module_key=path, output=output)`."""
+
+    def __init__(self, modules_to_steer: list[str], steer_fn: Callable):
+        super().__init__()
+        self._modules_to_steer = list(modules_to_steer)
+        self._steer_fn = steer_fn
+
+    def _build(self, hooked, builder, table, td):
+        interface = hooked.interface
+        for path in self._modules_to_steer:
+            ref = refer(interface.root, interface.model, path)
+
+            def steer(output, _key=path):
+                return self._steer_fn(module_key=_key, output=output)
+
+            for call in range(calls(table, ref.name)):
+                add_replace(builder, table, path, ref.name, call, steer, prefix="steer_fn")
+
+
+class ActivationAddition(HookingContextFactory):
+    """Steering vectors from contrasting inputs at `(positive_key, in_key)` and `(negative_key, in_key)`."""
+
+    def __init__(
+        self,
+        modules_to_steer: list[str],
+        positive_key: NestedKey = "positive",
+        negative_key: NestedKey = "negative",
+        steer_key: NestedKey = "steer",
+        clean_intermediate_keys: bool = True,
+        cache_callback: Callable | None = None,
+    ):
+        super().__init__()
+        self._modules_to_steer = list(modules_to_steer)
+        self._positive_key = positive_key
+        self._negative_key = negative_key
+        self._steer_key = steer_key
+        self._clean_intermediate_keys = clean_intermediate_keys
+        self._cache_callback = cache_callback
+
+    def _forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
+        interface = hooked.interface
+        refs = [refer(interface.root, interface.model, path) for path in self._modules_to_steer]
+        activations = {}
+        for role, group in (("positive", self._positive_key), ("negative", self._negative_key)):
+            inputs = interface.inputs(
+                td,
+                group,
+                f"the {role} examples that ActivationAddition contrasts",
+                f"put the {role} inputs at {_example_key(group, interface.in_keys[0])}",
+            )
+            table = sites_for(interface, inputs)
+            builder = ProgramBuilder()
+            reads = []
+            for ref in refs:
+                read = add_read(
+                    builder, table, ref.key, ref.name, ref.module, "fwd", self._cache_callback, key=ref.key
+                )
+                if read is None:
+                    raise _never_called(ref.key)
+                reads.append(read)
+            last = max(reads, key=lambda r: r.order)
+            builder.add(ast.Stop(dsl_site(table, next(s for s in last.sites if s.order == last.order))))
+            result = execute(interface, builder, inputs, source="ActivationAddition program")
+            hooked._set_compiled(result.compiled)
+            activations[role] = [read.tensor(result.saved, "a steering vector") for read in reads]
+        dims = tuple(range(td.batch_dims))  # the mean over the TensorDict's batch dims, as tdhook
+        vectors = {
+            ref.key: (positive - negative).mean(dim=dims)
+            for ref, positive, negative in zip(refs, activations["positive"], activations["negative"])
+        }
+        return TensorDict(
+            {self._steer_key: TensorDict(vectors, batch_size=[])}, batch_size=[], device=td.device
+        )
+
+
+def _example_key(group, key) -> str:
+    group = group if isinstance(group, tuple) else (group,)
+    key = key if isinstance(key, tuple) else (key,)
+    return f"td[{(*group, *key)!r}]"
+
+
+def _never_called(path: str):
+    from tdhook_fx.errors import TdhookFxError
+
+    return TdhookFxError(
+        f"{path} is never called when the model runs on these inputs, so it has no activation to contrast"
+    )

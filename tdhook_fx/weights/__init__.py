@@ -1,0 +1,6 @@
+"""Weight-level methods (tdhook.weights), each compiled into a rewrite of the model's graph."""
+
+from tdhook_fx.weights.adapters import Adapters, HookedModuleWithAdapters
+from tdhook_fx.weights.pruning import Pruning
+
+__all__ = ["Adapters", "HookedModuleWithAdapters", "Pruning"]
