@@ -9,7 +9,9 @@ from tdhook_fx.errors import (
     ResolutionError,
     TdhookFxError,
 )
+from tdhook_fx.io import load
 from tdhook_fx.pipeline import compile, sites
+from tdhook_fx.standalone import inspect_export, load_export
 from tdhook_fx.syntax.ast import Program
 from tdhook_fx.syntax.parse import parse
 
@@ -23,6 +25,9 @@ __all__ = [
     "ResolutionError",
     "TdhookFxError",
     "compile",
+    "inspect_export",
+    "load",
+    "load_export",
     "parse",
     "sites",
 ]

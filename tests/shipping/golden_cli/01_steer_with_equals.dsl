@@ -1,0 +1,1 @@
+steer transformer.h[2].mlp = $alpha * $v

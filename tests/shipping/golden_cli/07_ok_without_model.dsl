@@ -1,0 +1,2 @@
+save 1
+steer 2 *= $scale
