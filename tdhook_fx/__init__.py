@@ -12,6 +12,7 @@ from tdhook_fx.errors import (
 from tdhook_fx.io import load
 from tdhook_fx.pipeline import compile, sites
 from tdhook_fx.standalone import inspect_export, load_export
+from tdhook_fx.sweep import sweep
 from tdhook_fx.syntax.ast import Program
 from tdhook_fx.syntax.parse import parse
 
@@ -30,4 +31,5 @@ __all__ = [
     "load_export",
     "parse",
     "sites",
+    "sweep",
 ]

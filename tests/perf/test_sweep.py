@@ -1,0 +1,159 @@
+"""tdhook_fx.sweep: every (site, position) entry equals that one patch run with the hook reference."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from tdhook_fx import reference
+from tdhook_fx.errors import BindingError, ResolutionError, TdhookFxError
+from tdhook_fx.sweep import sweep
+from tests import zoo
+
+CASES = {  # model: (swept sites, positions)
+    "mlp": ("*", None),
+    "cnn": ("{0,2,4}", [0, 3, 7]),  # in-place ReLU; positions are channels
+    "tiny_transformer": ("blocks[*]", [0, 2, 5]),
+    "gpt2": ("transformer.h[*]", [0, 3, 6]),
+    "llama": ("model.layers[*]", [0, 6]),
+}
+
+
+def with_source(sample, source="patched"):
+    td = sample.example.clone()
+    for key, value in zip(sample.in_keys, zoo.source_inputs(sample)):
+        td[source, key] = value
+    return td
+
+
+def reference_patch(sample, td, site, index, source="patched"):
+    text = f"patch {site}[{index}]" + (f" from {source}" if source != "patched" else "")
+    return reference.run(sample.model, text, td, in_keys=sample.in_keys, out_keys=sample.out_keys)
+
+
+def assert_matches_reference(sample, td, result, index_of, metric=None, source="patched"):
+    (sites, positions) = result.batch_size
+    assert sites > 0 and positions > 0
+    for i in range(sites):
+        for j in range(positions):
+            site, position = result[i, j]["site"], int(result[i, j]["position"])
+            want = reference_patch(sample, td, site, index_of(position), source)
+            if metric is None:
+                for key in sample.out_keys:
+                    torch.testing.assert_close(result[key][i, j], want[key], rtol=1e-4, atol=1e-5)
+            else:
+                run = td.copy()
+                for key in sample.out_keys:
+                    run[key] = want[key]
+                torch.testing.assert_close(result["metric"][i, j], metric(run), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", [n if n != "llama" else pytest.param(n, marks=pytest.mark.slow) for n in CASES])
+def test_sweep_equals_one_reference_patch_per_entry(name, samples):
+    sample = samples(name)
+    sites, positions = CASES[name]
+    td = with_source(sample)
+    result = sweep(
+        sample.model, sites, td, positions=positions, in_keys=sample.in_keys, out_keys=sample.out_keys, chunk_size=3
+    )
+    assert_matches_reference(sample, td, result, lambda p: f":, {p}")
+
+
+def test_metric_positions_and_last_dimension(samples):
+    sample = samples("gpt2")
+    td = with_source(sample, source="corrupt")
+
+    def last_token_logit_gap(run):
+        return run["logits"][:, -1, 0] - run["logits"][:, -1, 1]
+
+    result = sweep(
+        sample.model, "transformer.h[1].mlp", td, positions=[0, 5, -1], dim=-1, metric=last_token_logit_gap,
+        source="corrupt", in_keys=sample.in_keys, out_keys=sample.out_keys,
+    )
+    assert tuple(result.batch_size) == (1, 3)
+    assert result["metric"].shape == (1, 3, 2)
+    assert result["position"].tolist() == [[0, 5, -1]]
+    assert result[0, 0]["site"] == "transformer.h.1.mlp"
+    assert_matches_reference(sample, td, result, lambda p: f"..., {p}", last_token_logit_gap, source="corrupt")
+
+
+@pytest.mark.parametrize("how", ["one_at_a_time", "tiny_budget", "no_vmap"])
+def test_chunking_and_fallback_give_the_same_result(how, samples, monkeypatch):
+    sample = samples("tiny_transformer")
+    td = with_source(sample)
+    options = {"in_keys": sample.in_keys, "out_keys": sample.out_keys}
+    whole = sweep(sample.model, "blocks[*]", td, **options)
+    if how == "one_at_a_time":
+        other = sweep(sample.model, "blocks[*]", td, chunk_size=1, **options)
+    elif how == "tiny_budget":
+        other = sweep(sample.model, "blocks[*]", td, memory_budget=1, **options)
+    else:
+        def refuse(*args, **kwargs):
+            raise RuntimeError("vmap: no batching rule for this op")
+
+        monkeypatch.setattr(torch.func, "vmap", refuse)
+        with pytest.warns(UserWarning, match="one at a time"):
+            other = sweep(sample.model, "blocks[*]", td, **options)
+    torch.testing.assert_close(other["logits"], whole["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_progress_bar_counts_every_run(samples, capsys):
+    sample = samples("mlp")
+    sweep(sample.model, "{0,2}", with_source(sample), progress=True)
+    err = capsys.readouterr().err
+    assert "patching sweep" in err and "32/32" in err
+
+
+def test_the_model_is_left_unchanged(samples):
+    sample = samples("cnn")
+    state = {k: v.clone() for k, v in sample.model.state_dict().items()}
+    sweep(sample.model, "{0,2}", with_source(sample), positions=[0, 1])
+    for key, value in sample.model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert not sample.model.training
+
+
+def test_errors_name_the_problem_and_the_fix(samples):
+    sample = samples("mlp")
+    td = with_source(sample)
+    with pytest.raises(BindingError, match=r"no source input at \('other', 'input'\)"):
+        sweep(sample.model, "0", td, source="other")
+    with pytest.raises(TdhookFxError, match="out of range for dimension 1 of 0"):
+        sweep(sample.model, "0", td, positions=[16])
+    with pytest.raises(TdhookFxError, match="has no dimension 2"):
+        sweep(sample.model, "0", td, dim=2)
+    with pytest.raises(TdhookFxError, match="carry a tensor index"):
+        sweep(sample.model, "0[:, 1]", td)
+    with pytest.raises(ResolutionError, match="unknown module path"):
+        sweep(sample.model, "nope", td)
+    sample.model.train()
+    try:
+        with pytest.raises(TdhookFxError, match="eval mode"):
+            sweep(sample.model, "0", td)
+    finally:
+        sample.model.eval()
+
+
+class InPlaceAfterSite(torch.nn.Module):
+    """The parent changes a site's value in place after the site (`h.mul_(2)` on lin1's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1 = torch.nn.Linear(6, 6)
+        self.lin2 = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin1(x)
+        h.mul_(2.0)
+        return self.lin2(h) + h.sum(-1, keepdim=True)
+
+
+def test_in_place_change_after_the_site_is_not_seen_by_the_sweep():
+    torch.manual_seed(5)
+    model = InPlaceAfterSite().eval()
+    td = TensorDict(input=torch.randn(4, 6), batch_size=[4])
+    td["patched", "input"] = torch.randn(4, 6)
+    result = sweep(model, "{lin1,lin2}", td, positions=[0, 2])
+    for i, site in enumerate(["lin1", "lin2"]):
+        for j, position in enumerate([0, 2]):
+            want = reference.run(model, f"patch {site}[:, {position}]", td)["output"]
+            torch.testing.assert_close(result["output"][i, j], want)
