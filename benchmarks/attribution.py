@@ -31,7 +31,6 @@ import json
 import statistics
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script: python benchmarks/attribution.py
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import Section, machine
+from benchmarks.common import Config, Section, log, machine, setup_process
 
 CLASSES = (0, 1, 2)
 
@@ -166,21 +165,13 @@ def measure(found: dict, rounds: int, batch_seconds: float = 0.2) -> dict[str, f
 # ---- the run --------------------------------------------------------------------------------------
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description="IntegratedGradients: tdhook_fx vs captum vs tdhook")
-    parser.add_argument("--quick", action="store_true", help="small models, one round: a smoke run")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1, as the other benchmark families)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attribution.json")
-    args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    rounds = 1 if args.quick else args.rounds
+def run(config: Config) -> list[Section]:
+    """The IntegratedGradients family, for `benchmarks/run.py` (each call takes seconds: at most 5 rounds)."""
+    rounds = 1 if config.quick else min(config.rounds, 5)
     workloads = {
         "small MLP 64x4, batch 8": lambda: mlp(64, 4, 8),
-        "MLP 1000x10, batch 100": (lambda: mlp(256, 4, 16)) if args.quick else mlp,
-        "CNN 4 conv, batch 16 (3x32x32)": (lambda: cnn(4, 16)) if args.quick else cnn,
+        "MLP 1000x10, batch 100": (lambda: mlp(256, 4, 16)) if config.quick else mlp,
+        "CNN 4 conv, batch 16 (3x32x32)": (lambda: cnn(4, 16)) if config.quick else cnn,
     }
     section = Section(
         "IntegratedGradients: tdhook_fx time / captum's and / tdhook's (below 1: faster)",
@@ -201,18 +192,30 @@ def main() -> None:
                     **{"vs captum": round(times["tdhook_fx"] / times["captum"], 3), "vs tdhook": round(times["tdhook_fx"] / times["tdhook"], 3)},
                     **{"max |diff|": f"{max(errors.values()):.1e}"},
                 )
-                print(f"{label}, n_steps {n_steps}, {targets}: {times}", file=sys.stderr, flush=True)
+                log(f"{label}, n_steps {n_steps}, {targets}: {times}")
     section.notes.append(
-        f"median of {rounds} interleaved rounds, {args.threads} torch threads, seconds per call; "
+        f"median of {rounds} interleaved rounds, {torch.get_num_threads()} torch thread(s), seconds per call; "
         "max |diff|: the largest difference from captum's attributions"
     )
+    return [section]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="IntegratedGradients: tdhook_fx vs captum vs tdhook")
+    parser.add_argument("--quick", action="store_true", help="small models, one round: a smoke run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "attribution.json")
+    args = parser.parse_args()
+    setup_process()
+    sections = run(Config(rounds=args.rounds, quick=args.quick))
     info = machine()
     print(json.dumps(info))
-    print(section.render())
+    for section in sections:
+        print(section.render())
     if not args.quick:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"machine": info, "sections": [section.to_json()]}, indent=2))
-        print(f"wrote {args.out}", file=sys.stderr)
+        args.out.write_text(json.dumps({"machine": info, "sections": [s.to_json() for s in sections]}, indent=2))
+        log(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,10 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no inductor (a smoke run)")
     parser.add_argument("--only", nargs="+", choices=list(FAMILIES), help="run only these families")
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default 21; quick: 5)")
-    parser.add_argument("--output", type=Path, default=RESULTS / "latest.json", help="where to write the JSON")
+    parser.add_argument(
+        "--output", type=Path, help="where to write the JSON (default: results/latest.json for a full run; "
+        "a --quick or --only run writes nothing unless given one)"
+    )
     args = parser.parse_args(argv)
 
     setup_process()
@@ -66,16 +69,19 @@ def main(argv=None) -> int:
 
     text = render(info, config, sections, skipped)
     print(text)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
+    output = args.output or (None if args.quick or args.only else RESULTS / "latest.json")
+    if output is None:
+        return 0
+    output.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "machine": info,
         "config": {"rounds": config.rounds, "repeats": config.repeats, "target_seconds": config.target_seconds, "quick": config.quick},
         "skipped_families": skipped,
         "sections": [s.to_json() for s in sections],
     }
-    args.output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    args.output.with_suffix(".md").write_text(text + "\n")
-    log(f"wrote {args.output} and {args.output.with_suffix('.md')}")
+    output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    output.with_suffix(".md").write_text(text + "\n")
+    log(f"wrote {output} and {output.with_suffix('.md')}")
     return 0
 
 

@@ -184,7 +184,7 @@ def _tdhook_fx_save_grad(workload, config):
         return compiled.read_grads(result)["saved"][compiled.grad_names[0]]
 
     with torch.enable_grad():
-        breaks = _breaks(lambda *x: compiled(*x)[key].sum(), *inputs)
+        breaks = _breaks(compiled, *inputs)
         backend = CountingInductor(inductor=False)
         compiled_run = torch.compile(compiled, backend=backend)
         first = step()

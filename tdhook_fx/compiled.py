@@ -153,9 +153,24 @@ class CompiledModule(nn.Module):
                 f"  hint: call .{'train' if self._captured_training else 'eval'}() on it, or compile again "
                 "after switching the model's mode"
             )
+        if self.grad_names:
+            return self._call_making_grad_inputs(args, kwargs)
+        return self._call(args, kwargs)
+
+    def _call(self, args, kwargs):
         if len(args) == 1 and not kwargs and isinstance(args[0], TensorDictBase):
             return self._call_tensordict(args[0])
         return self._call_tensors(args, kwargs)
+
+    @torch.compiler.disable(recursive=False)
+    def _call_making_grad_inputs(self, args, kwargs):
+        """The call of a program with `save grad`, which makes its zero gradient inputs here.
+
+        torch.compile cannot make tensors that require gradients inside a graph, so under
+        `torch.compile(cm)` this wrapper runs eagerly and only the rewritten graph it calls is
+        compiled: one graph, no break.
+        """
+        return self._call(args, kwargs)
 
     def _call_tensordict(self, td: TensorDictBase) -> TensorDictBase:
         inputs = [_get(td, key, "model input") for key in self.in_keys]
@@ -194,18 +209,29 @@ class CompiledModule(nn.Module):
             result[GRAD_DELTA] = dict(zip(self.grad_names, deltas))
         return result
 
+    def compile(self, *args, **kwargs) -> CompiledModule:
+        """`torch.compile` the rewritten graph in place; the argument handling around it stays eager.
+
+        `torch.compile(cm)` works too, and traces the wrapper as well (TensorDict reads and
+        writes), which lets a larger compiled function call `cm` without a break; `cm.compile(...)`
+        compiles the graph alone. Arguments are `torch.compile`'s.
+        """
+        object.__setattr__(self, "_compiled_graph", torch.compile(self.graph_module, *args, **kwargs))
+        return self
+
     def _run_graph(self, *inputs):
         """The rewritten graph's forward, called directly: going through `nn.Module.__call__` (hook
         dispatch, fx's error-printing wrapper) costs more than a small model's own layers take.
         Nothing hooks the internal graph module, and an error keeps its full traceback."""
-        return self.graph_module.forward(*inputs)
+        compiled = self.__dict__.get("_compiled_graph")
+        return compiled(*inputs) if compiled is not None else self.graph_module.forward(*inputs)
 
     # ---- gradients (save grad) ----------------------------------------------------------------
 
     @property
     def grad_names(self) -> tuple[str, ...]:
         """The names of the saved gradients (`save grad`), as `read_grads` stores them."""
-        return getattr(self._rewritten, "grad_names", ())
+        return self._rewritten.grad_names
 
     def read_grads(self, result):
         """After a backward through `result`'s outputs, store each saved gradient at ("saved", name).

@@ -152,7 +152,7 @@ def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor) -> torch
     if delta.dim() == 0:
         return x
     out = x.clone()
-    out[index] = out[index] + delta
+    _put(out, index, region(x, index) + delta)
     return out
 
 

@@ -145,15 +145,29 @@ def test_save_grad_under_torch_compile_equals_eager(samples):
         torch.testing.assert_close(compiled.read_grads(got)["saved"]["2.grad"], want)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="save grad makes its zero gradient inputs (requires_grad=True) inside CompiledModule.forward; "
-    "dynamo cannot create such leaves in a graph, so it breaks there (create them outside the compiled call)",
-)
-def test_save_grad_compiles_to_one_graph(samples):
+@pytest.mark.parametrize("call", ["tensors", "tensordict"])
+def test_save_grad_compiles_to_one_graph(samples, call):
     sample = samples("mlp")
     compiled = _save_grad_module(sample)
     compiled.bind(v=torch.randn(16))
+    given = sample.example["input"] if call == "tensors" else sample.example.clone()
     with torch.enable_grad():
-        explained = torch._dynamo.explain(lambda x: compiled(x)["output"].sum())(sample.example["input"])
+        explained = torch._dynamo.explain(compiled)(given)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_compile_method_gives_one_graph_with_save_grad(samples):
+    sample = samples("mlp")
+    eager = _save_grad_module(sample).bind(v=torch.randn(16))
+    compiled = _save_grad_module(sample).bind(v=eager.bound_v).compile(backend=(counter := CompileCounter()))
+    x = sample.example["input"]
+    results = []
+    for module in (eager, compiled):
+        with torch.enable_grad():
+            result = module(x)
+            result["output"].sum().backward()
+        results.append(module.read_grads(result))
+    assert counter.frame_count == 1
+    torch.testing.assert_close(results[1]["output"], results[0]["output"])
+    for name in eager.grad_names:
+        torch.testing.assert_close(results[1]["saved"][name], results[0]["saved"][name])
