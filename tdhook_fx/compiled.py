@@ -12,6 +12,7 @@ from tdhook_fx.capture import Capture, SiteTable, key_name
 from tdhook_fx.errors import BindingError, TdhookFxError
 from tdhook_fx.ir import ResolvedProgram
 from tdhook_fx.passes import Rewritten
+from tdhook_fx.runner import runner
 from tdhook_fx.syntax.ast import variables
 
 SAVED = "saved"
@@ -222,9 +223,28 @@ class CompiledModule(nn.Module):
     def _run_graph(self, *inputs):
         """The rewritten graph's forward, called directly: going through `nn.Module.__call__` (hook
         dispatch, fx's error-printing wrapper) costs more than a small model's own layers take.
-        Nothing hooks the internal graph module, and an error keeps its full traceback."""
+        Nothing hooks the internal graph module, and an error keeps its full traceback.
+
+        Eagerly it runs on `tdhook_fx.runner`'s copy, with attribute paths resolved once (under
+        torch.compile attribute lookups cost nothing, and the copy need not be traced)."""
         compiled = self.__dict__.get("_compiled_graph")
-        return compiled(*inputs) if compiled is not None else self.graph_module.forward(*inputs)
+        if compiled is not None:
+            return compiled(*inputs)
+        if torch.compiler.is_compiling():
+            return self.graph_module.forward(*inputs)
+        graph = self.__dict__.get("_runner")
+        if graph is None:
+            graph = runner(self.graph_module)
+            object.__setattr__(self, "_runner", graph)  # not a submodule: it holds no state of its own
+        return graph.forward(*inputs)
+
+    def _apply(self, fn, recurse=True):
+        self.__dict__.pop("_runner", None)  # `.to()` and friends replace buffers the runner names
+        return super()._apply(fn, recurse)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        self.__dict__.pop("_runner", None)  # assign=True replaces tensors the runner names
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- gradients (save grad) ----------------------------------------------------------------
 

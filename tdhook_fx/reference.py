@@ -294,9 +294,10 @@ class _Recorder:
         if alias is not value:
             if value.requires_grad:
                 alias = value.clone()
-            else:  # nothing upstream needs a gradient: a leaf of its own receives it
-                alias = value.detach().requires_grad_()
-                self.receivers.append(alias)
+            else:  # nothing upstream needs a gradient: a zero leaf of its own receives it
+                receiver = torch.zeros_like(value, requires_grad=True)  # (the alias itself is no leaf,
+                alias = value + receiver  # so in-place ops downstream, `ReLU(inplace=True)`, work)
+                self.receivers.append(receiver)
             self.grad_alias[site] = alias
         if isinstance(statement, ast.Save):
             name = statement.name or f"{site}.grad"

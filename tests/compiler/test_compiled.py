@@ -129,3 +129,22 @@ def test_program_and_repr(mlp):
     assert compiled.program == "steer 2 += $v"
     assert "steer 2 += $v" in repr(compiled)
     assert compiled.runtime_names == ("v",)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_runs_without_attribute_chains_and_follows_dtype_changes(frontend):
+    """The eager call runs a copy of the graph with attribute paths resolved (tdhook_fx.runner);
+    `.double()` replaces buffers (batch norm statistics), so the copy must be made again."""
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    reference_model = copy.deepcopy(model).double()
+    x = torch.randn(3, 4)
+    compiled = tdhook_fx.compile(model, "steer 1 *= 2", example=(x,), frontend=frontend)
+    torch.testing.assert_close(compiled(x)["output"], compiled.graph_module(x)[0])
+    assert "getattr(" not in compiled.__dict__["_runner"].code
+    compiled.double()
+    want = reference_model[2](2 * reference_model[1](reference_model[0](x.double())))
+    torch.testing.assert_close(compiled(x.double())["output"], want)
