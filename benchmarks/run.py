@@ -28,7 +28,7 @@ FAMILIES = {
     "compile": "benchmarks.compile_time",
     "sweep": "benchmarks.patching_sweep",
     "torch_compile": "benchmarks.torch_compile",
-    "attribution": "benchmarks.attribution",  # added by the attribution work; skipped when absent
+    "attribution": "benchmarks.attribution",
 }
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -50,24 +50,13 @@ def main(argv=None) -> int:
     info = machine()
     started = time.perf_counter()
     sections: list[Section] = []
-    skipped: dict[str, str] = {}
     for family in args.only or list(FAMILIES):
-        try:
-            module = importlib.import_module(FAMILIES[family])
-        except ModuleNotFoundError as error:
-            if error.name != FAMILIES[family]:
-                raise
-            skipped[family] = "not present"
-            continue
-        if not hasattr(module, "run"):
-            skipped[family] = f"{FAMILIES[family]} has no run(config); run it on its own"
-            continue
         log(f"== {family}")
-        sections.extend(_run_family(module, config))
+        sections.extend(_run_family(importlib.import_module(FAMILIES[family]), config))
     sections.append(targets(sections))
     info["seconds"] = round(time.perf_counter() - started, 1)
 
-    text = render(info, config, sections, skipped)
+    text = render(info, config, sections)
     print(text)
     output = args.output or (None if args.quick or args.only else RESULTS / "latest.json")
     if output is None:
@@ -76,7 +65,6 @@ def main(argv=None) -> int:
     payload = {
         "machine": info,
         "config": {"rounds": config.rounds, "repeats": config.repeats, "target_seconds": config.target_seconds, "quick": config.quick},
-        "skipped_families": skipped,
         "sections": [s.to_json() for s in sections],
     }
     output.write_text(json.dumps(payload, indent=2, default=str) + "\n")
@@ -91,7 +79,7 @@ def _run_family(module, config: Config) -> list[Section]:
     return [s if isinstance(s, Section) else Section(**s) for s in sections]
 
 
-def render(info: dict, config: Config, sections: list[Section], skipped: dict) -> str:
+def render(info: dict, config: Config, sections: list[Section]) -> str:
     lines = [
         "# tdhook_fx benchmarks",
         "",
@@ -107,8 +95,6 @@ def render(info: dict, config: Config, sections: list[Section], skipped: dict) -
             f"{config.target_seconds * 1000:.0f} ms){' - QUICK RUN' if config.quick else ''}."
         ),
     ]
-    if skipped:
-        lines.append("Skipped families: " + ", ".join(f"{k} ({v})" for k, v in skipped.items()) + ".")
     for section in sections:
         lines += ["", section.render()]
     return "\n".join(lines)

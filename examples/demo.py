@@ -86,7 +86,7 @@ def main() -> None:
         print("wrote", cm.draw(out / f"steered{suffix}"))
 
     section("5. save it (safetensors: JSON + tensors, nothing runs on loading) and load it back")
-    saved = cm.save(out / "steered.safetensors", example=sample.example)
+    saved = cm.save(out / "steered.safetensors")
     print("wrote", saved)
     colleague = zoo.gpt2()  # a colleague rebuilds the same base model
     loaded = tdhook_fx.load(saved, colleague.model)
@@ -102,7 +102,7 @@ def main() -> None:
         print("  " + "\n  ".join(str(error).splitlines()[:4]))
 
     section("6. export a standalone .pt2 and run it in a fresh process")
-    print(cm.export(out / "steered.pt2", example=sample.example))
+    print(cm.export(out / "steered.pt2"))
     print(tdhook_fx.inspect_export(out / "steered.pt2"))
     torch.save(ids, out / "ids.pt")
     subprocess.run(

@@ -17,6 +17,19 @@ def readable(text: str) -> str:
     return re.sub(r"\W+", "_", text).strip("_")
 
 
+def ancestors(nodes) -> set[fx.Node]:
+    """`nodes` and every node they are computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(nodes)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        stack.extend(node.all_input_nodes)
+    return seen
+
+
 def fetch_attr(root: torch.nn.Module, target: str):
     """The attribute at dotted `target` under `root` (None if there is none)."""
     value = root

@@ -9,6 +9,7 @@ problems are raised together as one `ResolutionError`, sorted by position.
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 
@@ -130,7 +131,7 @@ class _Resolver:
 
     def _prune(self, statement: ast.Prune) -> None:
         for site in self._parameter_sites(statement.param):
-            numel = _numel(site.shape)
+            numel = math.prod(site.shape)
             amount = statement.amount
             if not amount.percent and amount.value > numel:
                 raise _Problem(
@@ -538,12 +539,6 @@ def _is_fractional(expr) -> bool:
         return expr.op == "/" or _is_fractional(expr.left) or _is_fractional(expr.right)
     return False
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _fmt(shape) -> str:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -218,7 +219,7 @@ def programs_for(
         kind = draw(st.sampled_from(kinds)) if floats else "save"
         if kind == "prune" and parameters:
             site = draw(st.sampled_from(parameters))
-            amount = draw(st.sampled_from([f"{draw(st.integers(0, 100))}%", str(draw(st.integers(0, min(5, _numel(site.shape)))))]))
+            amount = draw(st.sampled_from([f"{draw(st.integers(0, 100))}%", str(draw(st.integers(0, min(5, math.prod(site.shape)))))]))
             criterion = draw(st.sampled_from(["", " by magnitude", f" by random({draw(st.integers(0, 99))})"]))
             along = f" along {draw(st.integers(0, len(site.shape) - 1))}" if len(site.shape) > 1 and draw(st.booleans()) else ""
             if along and not amount.endswith("%"):
@@ -291,12 +292,6 @@ def _fits(shape, region) -> bool:
     except RuntimeError:
         return False
 
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def assert_equivalent(

@@ -52,6 +52,14 @@ class RewriteContext:
         with self.graph.inserting_after(last):
             return self.graph.placeholder(readable(name))
 
+    def unused_name(self, name: str) -> str:
+        """`name`, or `name_2`, `name_3` ... for a new attribute (mask, gradient rule) of the graph."""
+        candidate, number = name, 1
+        while candidate in self.attributes or any(n.name == candidate for n in self.graph.nodes):
+            number += 1
+            candidate = f"{name}_{number}"
+        return candidate
+
     @contextmanager
     def after_value(self, site: str):
         """Insert new nodes, in order, right after the site's current value (and its saves).

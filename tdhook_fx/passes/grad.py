@@ -67,7 +67,7 @@ def insert_set_grad(ctx: RewriteContext, intervention: Intervention) -> None:
     names = _operand_names(statement.value, intervention.index)
     operands = [ctx.runtime[n[1:]] if n.startswith("$") else ctx.saved[n[1:]] for n in names]
     rule = compile_rule(statement.value, intervention.index, names, intervention.describe(), site)
-    module_name = _unused(ctx, readable(f"set_grad_{site}"))
+    module_name = ctx.unused_name(readable(f"set_grad_{site}"))
     ctx.attributes[module_name] = GradOverride(rule, copy=ctx.capture.mutates, statement=intervention.describe())
 
     def build(value: fx.Node) -> fx.Node:
@@ -235,13 +235,6 @@ def _concrete_index(index: tuple, env: dict) -> tuple:
 
     return tuple(item(i) for i in index)
 
-
-def _unused(ctx: RewriteContext, name: str) -> str:
-    candidate, number = name, 1
-    while candidate in ctx.attributes or any(n.name == candidate for n in ctx.graph.nodes):
-        number += 1
-        candidate = f"{name}_{number}"
-    return candidate
 
 
 # ---- at call time: the shapes of the deltas ---------------------------------------------------

@@ -12,7 +12,7 @@ from torch import fx
 from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.ir import Intervention
 from tdhook_fx.passes import ops
-from tdhook_fx.graphs import readable
+from tdhook_fx.graphs import ancestors, readable
 from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.resolve import DEFAULT_PATCH_SOURCE
 
@@ -45,7 +45,7 @@ def _source_values(ctx: RewriteContext, source: str) -> dict[str, fx.Node]:
     }
     pristine = ctx.capture.graph_module.graph
     taps = {n.args[1]: n for n in pristine.nodes if is_tap(n)}
-    needed = _ancestors([taps[s] for s in wanted])
+    needed = ancestors([taps[s] for s in wanted])
     inputs = [n for n in pristine.nodes if n.op == "placeholder"]
     env: dict[fx.Node, fx.Node] = {}
     for original, main in zip(inputs, ctx.inputs):
@@ -69,14 +69,3 @@ def _source_values(ctx: RewriteContext, source: str) -> dict[str, fx.Node]:
     ctx.source_values[source] = {s: kept.get(s, env[taps[s]]) for s in wanted}
     return ctx.source_values[source]
 
-
-def _ancestors(nodes: list[fx.Node]) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
-    return seen

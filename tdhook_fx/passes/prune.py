@@ -32,7 +32,7 @@ def insert_prune(ctx: RewriteContext, intervention: Intervention) -> None:
         message = f"{site.name} is not used by {site.module or 'the model'}'s forward on the example"
         raise ResolutionError([Diagnostic(statement.span, message)], ctx.resolved.text)
     amount = statement.amount.value / 100 if statement.amount.percent else statement.amount.value
-    name = _unused(ctx, f"prune_mask_{readable(site.name)}")
+    name = ctx.unused_name(f"prune_mask_{readable(site.name)}")
     first = min([use for use, _ in uses] + calls, key=lambda node: _position(ctx.graph, node))
     with ctx.graph.inserting_before(first):
         if isinstance(statement.criterion, ast.Importance):
@@ -115,14 +115,6 @@ def _inside(node: fx.Node, qualname: str) -> bool:
         return True
     return any(n == qualname or n.startswith(qualname + "@") for n in names)
 
-
-def _unused(ctx: RewriteContext, name: str) -> str:
-    """`name`, or `name_2`, `name_3` ... if a mask of that name exists already."""
-    candidate, number = name, 1
-    while candidate in ctx.attributes or any(n.name == candidate for n in ctx.graph.nodes):
-        number += 1
-        candidate = f"{name}_{number}"
-    return candidate
 
 
 def _position(graph: fx.Graph, node: fx.Node) -> int:

@@ -32,7 +32,7 @@ from torch import fx
 
 from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.graphs import mutates
+from tdhook_fx.graphs import ancestors, mutates
 
 
 @dataclass(frozen=True)
@@ -140,9 +140,9 @@ def _prefix(graph_module, wanted: list, snapshots: dict, in_place: bool, order: 
             needed.add(node)
             if node is last:
                 break
-        needed |= _ancestors(targets)
+        needed |= ancestors(targets)
     else:
-        needed = _ancestors(targets)
+        needed = ancestors(targets)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     copied: dict[tuple[str, fx.Node], fx.Node] = {}
@@ -197,14 +197,3 @@ def _snapshot(value):
     """A tensor's value as it is now (other values, e.g. sizes, are already fixed)."""
     return value.clone() if isinstance(value, torch.Tensor) else value
 
-
-def _ancestors(nodes) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        stack.extend(node.all_input_nodes)
-    return seen
