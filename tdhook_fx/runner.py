@@ -38,6 +38,7 @@ def runner(graph_module: fx.GraphModule) -> fx.GraphModule:
                 aliases[node.target] = _free_name(readable(node.target), module)
                 module.__dict__[aliases[node.target]] = fetch_attr(graph_module, node.target)
             node.target = aliases[node.target]
+    graph.lint()
     module.recompile()
     return module
 
