@@ -434,12 +434,24 @@ TDHOOK_013_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.fixture(scope="session")
+def tdhook_013(tmp_path_factory) -> str:
+    """tdhook 0.1.3 (the release with `run()`) installed into its own folder, away from 0.3.0."""
+    target = tmp_path_factory.mktemp("tdhook013")
+    pip = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), "tdhook==0.1.3"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert pip.returncode == 0, f"could not install tdhook 0.1.3 from the package index:\n{pip.stderr}"
+    return str(target)
+
+
 @pytest.mark.slow
-def test_same_results_as_tdhook_013():
-    """tdhook 0.1.3 (unpacked in /tmp/tdhook013) in a subprocess: the same cache keys and values."""
-    if not os.path.isdir("/tmp/tdhook013/tdhook"):
-        pytest.skip("tdhook 0.1.3 is not unpacked in /tmp/tdhook013")
-    env = dict(os.environ, PYTHONPATH="/tmp/tdhook013")
+def test_same_results_as_tdhook_013(tdhook_013):
+    """tdhook 0.1.3 in a subprocess: the same cache keys and values."""
+    env = dict(os.environ, PYTHONPATH=tdhook_013)
     result = subprocess.run(
         [sys.executable, "-c", TDHOOK_013_SCRIPT],
         capture_output=True,
