@@ -4,6 +4,7 @@
   `parse(str(p)) == p`); `program_texts()` draws its text.
 - `programs_for(sites)` draws valid programs over one model's real sites (from
   `tdhook_fx.sites(model, example=...)`), with the runtime values they need.
+- `inputs_like(example)` draws new model inputs shaped like the example's.
 - `assert_equivalent(model, program, example, ...)` compiles a program and checks every output
   and saved value against the hook-based reference (`tdhook_fx.reference`).
 """
@@ -294,11 +295,34 @@ def _fits(shape, region) -> bool:
 
 
 
+@st.composite
+def inputs_like(draw, example, in_keys=None) -> tuple[torch.Tensor, ...]:
+    """New model inputs with the shapes and dtypes of `example`'s (a TensorDict) at `in_keys`.
+
+    Floating-point inputs are drawn from a normal distribution; integer inputs (token ids,
+    masks) uniformly between the example's smallest and largest value, so ids stay in the
+    vocabulary and an all-ones mask stays all ones.
+    """
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
+    drawn = []
+    for key in in_keys or ["input"]:
+        x = example.get(key)
+        if x.is_floating_point():
+            drawn.append(torch.randn(x.shape, generator=generator, dtype=x.dtype))
+        else:
+            low, high = int(x.min()), int(x.max())
+            drawn.append(torch.randint(low, high + 1, x.shape, generator=generator, dtype=x.dtype))
+    return tuple(drawn)
+
+
 def assert_equivalent(
     model, program: str, example, *, in_keys=None, out_keys=None, values=None, sources=None, backward=None,
-    rtol=1e-5, atol=1e-5,
+    inputs=None, rtol=1e-5, atol=1e-5,
 ):
     """Compile `program` and check outputs and saved values against the hook reference.
+
+    The program is compiled on `example` and both sides run on `inputs` (a tuple of tensors in
+    `in_keys` order; by default the example's own).
 
     `backward`: a function of the outputs (a dict keyed as `reference.run` returns them: out_key
     names and ("saved", name)) that returns a scalar. Given, gradients are checked too: each
@@ -311,7 +335,7 @@ def assert_equivalent(
     compiled = tdhook_fx.compile(model, program, example=example, in_keys=in_keys, out_keys=out_keys)
     if values:
         compiled.bind(**values)
-    inputs = tuple(example.get(k) for k in compiled.in_keys)
+    inputs = inputs if inputs is not None else tuple(example.get(k) for k in compiled.in_keys)
     if backward is not None:
         inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
     source_inputs = {name: tuple(given) for name, given in (sources or {}).items()}

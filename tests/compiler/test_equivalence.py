@@ -1,14 +1,17 @@
 """The core property: a compiled program does exactly what the hook reference does.
 
 Hypothesis draws a valid program over each zoo model's real sites (save, set, steer, patch,
-prune, stop, with indices and runtime values); every output and saved value must match.
+prune, stop, with indices and runtime values) and the inputs it runs on (compiled on the zoo's
+example, run on others); every output and saved value must match.
 """
 
 import pytest
+import torch
 from hypothesis import given
+from tensordict import TensorDict
 
 import tdhook_fx
-from tdhook_fx.testing import assert_equivalent, programs_for
+from tdhook_fx.testing import assert_equivalent, inputs_like, programs_for
 from tests import zoo
 
 MODELS = ["mlp", "cnn", "tiny_transformer", "gpt2", "bert", "llama", "minilm"]
@@ -20,8 +23,8 @@ def test_compiled_program_equals_hook_reference(name, samples):
     table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
     sources = zoo.source_inputs(sample)
 
-    @given(programs_for(table))
-    def check(drawn):
+    @given(programs_for(table), inputs_like(sample.example, sample.in_keys))
+    def check(drawn, inputs):
         assert_equivalent(
             sample.model,
             drawn.text,
@@ -30,8 +33,25 @@ def test_compiled_program_equals_hook_reference(name, samples):
             out_keys=sample.out_keys,
             values=drawn.values,
             sources={"patched": sources} if drawn.patches else None,
+            inputs=inputs,
             rtol=1e-4,
             atol=1e-4,
         )
 
     check()
+
+
+EXAMPLE = TensorDict(
+    input_ids=torch.tensor([[3, 50, 7], [9, 4, 12]]), attention_mask=torch.ones(2, 3, dtype=torch.long),
+    embeds=torch.zeros(2, 3, 4), batch_size=[2],
+)
+
+
+@given(inputs_like(EXAMPLE, ["input_ids", "attention_mask", "embeds"]))
+def test_drawn_inputs_keep_shapes_dtypes_and_the_vocabulary(inputs):
+    for key, drawn in zip(["input_ids", "attention_mask", "embeds"], inputs):
+        assert drawn.shape == EXAMPLE[key].shape and drawn.dtype == EXAMPLE[key].dtype
+    ids, mask, embeds = inputs
+    assert 3 <= ids.min() and ids.max() <= 50
+    assert torch.equal(mask, EXAMPLE["attention_mask"])
+    assert embeds.std() > 0

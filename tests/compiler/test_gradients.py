@@ -15,7 +15,7 @@ from tensordict import TensorDict
 import tdhook_fx
 from tdhook_fx import reference
 from tdhook_fx.errors import BindingError, ResolutionError
-from tdhook_fx.testing import assert_equivalent, programs_for
+from tdhook_fx.testing import assert_equivalent, inputs_like, programs_for
 from tests import zoo
 
 # examples per model under the default profile (a thorough profile draws its own, more)
@@ -38,8 +38,8 @@ def check_gradients(sample, examples: int):
     default = settings().max_examples <= 20
 
     @settings(max_examples=examples if default else settings().max_examples)
-    @given(programs_for(table, grads=True))
-    def check(drawn):
+    @given(programs_for(table, grads=True), inputs_like(sample.example, sample.in_keys))
+    def check(drawn, inputs):
         assert_equivalent(
             sample.model,
             drawn.text,
@@ -48,6 +48,7 @@ def check_gradients(sample, examples: int):
             out_keys=sample.out_keys,
             values=drawn.values,
             sources={"patched": sources} if drawn.patches else None,
+            inputs=inputs,
             backward=weighted_sum,
             rtol=1e-4,
             atol=1e-4,
