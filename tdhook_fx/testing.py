@@ -306,7 +306,10 @@ def inputs_like(draw, example, in_keys=None) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32 - 1)))
     drawn = []
     for key in in_keys or ["input"]:
-        x = example.get(key)
+        x = example.get(key, None)
+        if x is None:
+            keys = sorted(map(str, example.keys(include_nested=True, leaves_only=True)))
+            raise KeyError(f"inputs_like: the example has no input at key {key!r}; its keys: {keys}")
         if x.is_floating_point():
             drawn.append(torch.randn(x.shape, generator=generator, dtype=x.dtype))
         else:

@@ -8,6 +8,7 @@ example, run on others); every output and saved value must match.
 import pytest
 import torch
 from hypothesis import given
+from hypothesis import strategies as st
 from tensordict import TensorDict
 
 import tdhook_fx
@@ -55,3 +56,9 @@ def test_drawn_inputs_keep_shapes_dtypes_and_the_vocabulary(inputs):
     assert 3 <= ids.min() and ids.max() <= 50
     assert torch.equal(mask, EXAMPLE["attention_mask"])
     assert embeds.std() > 0
+
+
+@given(st.data())
+def test_drawing_inputs_for_a_missing_key_names_the_key(data):
+    with pytest.raises(KeyError, match=r"no input at key 'ids'; its keys: \['attention_mask', 'embeds', 'input_ids'\]"):
+        data.draw(inputs_like(EXAMPLE, ["ids"]))
