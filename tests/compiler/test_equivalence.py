@@ -11,35 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-import tdhook_fx
-from tdhook_fx.testing import assert_equivalent, inputs_like, programs_for
-from tests import zoo
+from tdhook_fx.testing import inputs_like
+from tests.compiler.properties import check_against_reference
 
 MODELS = ["mlp", "cnn", "tiny_transformer", "gpt2", "bert", "llama", "minilm"]
 
 
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_program_equals_hook_reference(name, samples):
-    sample = samples(name)
-    table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
-    sources = zoo.source_inputs(sample)
-
-    @given(programs_for(table), inputs_like(sample.example, sample.in_keys))
-    def check(drawn, inputs):
-        assert_equivalent(
-            sample.model,
-            drawn.text,
-            sample.example,
-            in_keys=sample.in_keys,
-            out_keys=sample.out_keys,
-            values=drawn.values,
-            sources={"patched": sources} if drawn.patches else None,
-            inputs=inputs,
-            rtol=1e-4,
-            atol=1e-4,
-        )
-
-    check()
+    check_against_reference(samples(name))
 
 
 EXAMPLE = TensorDict(

@@ -9,14 +9,13 @@ and the errors.
 
 import pytest
 import torch
-from hypothesis import given, settings
 from tensordict import TensorDict
 
 import tdhook_fx
 from tdhook_fx import reference
 from tdhook_fx.errors import BindingError, ResolutionError
-from tdhook_fx.testing import assert_equivalent, inputs_like, programs_for
-from tests import zoo
+from tdhook_fx.testing import assert_equivalent
+from tests.compiler.properties import check_against_reference
 
 # examples per model under the default profile (a thorough profile draws its own, more)
 EXAMPLES = {"mlp": 20, "cnn": 8, "tiny_transformer": 4, "gpt2": 5, "bert": 5, "llama": 5, "minilm": 3}
@@ -32,40 +31,15 @@ def weighted_sum(result: dict) -> torch.Tensor:
     return total
 
 
-def check_gradients(sample, examples: int):
-    table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
-    sources = zoo.source_inputs(sample)
-    default = settings().max_examples <= 20
-
-    @settings(max_examples=examples if default else settings().max_examples)
-    @given(programs_for(table, grads=True), inputs_like(sample.example, sample.in_keys))
-    def check(drawn, inputs):
-        assert_equivalent(
-            sample.model,
-            drawn.text,
-            sample.example,
-            in_keys=sample.in_keys,
-            out_keys=sample.out_keys,
-            values=drawn.values,
-            sources={"patched": sources} if drawn.patches else None,
-            inputs=inputs,
-            backward=weighted_sum,
-            rtol=1e-4,
-            atol=1e-4,
-        )
-
-    check()
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "tiny_transformer"])
 def test_gradients_equal_register_hook(name, samples):
-    check_gradients(samples(name), EXAMPLES[name])
+    check_against_reference(samples(name), grads=True, backward=weighted_sum, examples=EXAMPLES[name])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gpt2", "bert", "llama", "minilm"])
 def test_gradients_equal_register_hook_on_hugging_face_models(name, samples):
-    check_gradients(samples(name), EXAMPLES[name])
+    check_against_reference(samples(name), grads=True, backward=weighted_sum, examples=EXAMPLES[name])
 
 
 # ---- torch.compile ------------------------------------------------------------------------------
