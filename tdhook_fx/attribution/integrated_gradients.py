@@ -46,9 +46,10 @@ class IntegratedGradients(GradientAttribution):
         self._compute_convergence_delta = compute_convergence_delta
         self._baseline_key = baseline_key
         self._multiply_by_inputs = multiply_by_inputs
-        self._method = method
         self._n_steps = n_steps
-        self._alphas, self._step_sizes = quadrature(method, n_steps)
+        alphas, step_sizes = quadrature(method, n_steps)
+        self._alphas = torch.tensor(alphas, dtype=torch.float64)  # cast per input: the same rounding as from floats
+        self._step_sizes = torch.tensor(step_sizes, dtype=torch.float64)
 
     def declared_out_keys(self, keys) -> list:
         delta = ["convergence_delta"] if self._compute_convergence_delta else []
@@ -62,7 +63,7 @@ class IntegratedGradients(GradientAttribution):
             feature = x.shape[nb:]
             if key in attributed:
                 baseline = self._baseline(td, key, x)
-                alphas = torch.tensor(self._alphas, dtype=x.dtype, device=x.device).view(*(1,) * nb, n, *(1,) * len(feature))
+                alphas = self._alphas.to(dtype=x.dtype, device=x.device).view(*(1,) * nb, n, *(1,) * len(feature))
                 points = torch.addcmul(baseline.unsqueeze(nb), (x - baseline).unsqueeze(nb), alphas)
             else:
                 points = x.unsqueeze(nb).expand(*batch, n, *feature)
@@ -73,7 +74,7 @@ class IntegratedGradients(GradientAttribution):
         nb = len(batch)
         reduced = {}
         for key, grad in grads.items():
-            steps = torch.tensor(self._step_sizes, dtype=grad.dtype, device=grad.device)
+            steps = self._step_sizes.to(dtype=grad.dtype, device=grad.device)
             reduced[key] = torch.tensordot(grad.movedim(nb, -1), steps, dims=1)
         return reduced
 

@@ -43,7 +43,11 @@ class PatchShapeError(TdhookFxError, ValueError):
 
 
 class ActivationPatching(HookingContextFactory):
-    """Patch the listed modules' outputs into the run on `(patch_key, in_key)`."""
+    """Patch the listed modules' outputs into the run on `(patch_key, in_key)`.
+
+    `clean_intermediate_keys` is accepted for tdhook's signature: one fused pass leaves no
+    intermediate keys to clean.
+    """
 
     def __init__(
         self,
@@ -62,7 +66,6 @@ class ActivationPatching(HookingContextFactory):
             )
         self._modules_to_patch = list(modules_to_patch)
         self._patch_key = patch_key
-        self._clean_intermediate_keys = clean_intermediate_keys
         self._patch_fn = patch_fn
 
     def _forward(self, hooked, td: TensorDictBase) -> TensorDictBase:

@@ -53,7 +53,10 @@ class SteeringVectors(HookingContextFactory):
 
 
 class ActivationAddition(HookingContextFactory):
-    """Steering vectors from contrasting inputs at `(positive_key, in_key)` and `(negative_key, in_key)`."""
+    """Steering vectors from contrasting inputs at `(positive_key, in_key)` and `(negative_key, in_key)`.
+
+    `clean_intermediate_keys` is accepted for tdhook's signature: no intermediate keys are written.
+    """
 
     def __init__(
         self,
@@ -69,7 +72,6 @@ class ActivationAddition(HookingContextFactory):
         self._positive_key = positive_key
         self._negative_key = negative_key
         self._steer_key = steer_key
-        self._clean_intermediate_keys = clean_intermediate_keys
         self._cache_callback = cache_callback
 
     def _forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
