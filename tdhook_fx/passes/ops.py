@@ -142,14 +142,15 @@ def importance_mask(scores: torch.Tensor, weight: torch.Tensor, amount: int | fl
 def receive_grad(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """`x + delta`, where `delta` is a zero graph input: d(target)/d(delta) is the gradient at x.
 
-    Without gradients the caller passes a 0-dim zero and `x` comes back as it is (`save grad`).
+    Without gradients the caller passes a zero that needs no gradient and `x` comes back as it
+    is (`save grad`). (A 0-dim delta may be a real one: the gradient of a single element.)
     """
-    return x if delta.dim() == 0 else x + delta
+    return x + delta if delta.requires_grad else x
 
 
 def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor) -> torch.Tensor:
     """`x` with `delta` added to `x[index]` (`save grad SITE[INDEX]`), without changing `x`."""
-    if delta.dim() == 0:
+    if not delta.requires_grad:
         return x
     out = x.clone()
     _put(out, index, region(x, index) + delta)

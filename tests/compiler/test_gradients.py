@@ -116,6 +116,16 @@ def test_a_runtime_index_shapes_the_saved_gradient(mlp):
     assert compiled.read_grads(result)["saved"]["g"].shape == (4, 3)
 
 
+def test_the_gradient_of_one_element(mlp):
+    """A 0-dim gradient input is a real one (not the no-gradient placeholder)."""
+    compiled = assert_equivalent(mlp.model, "save grad 2[1, 3] as g", mlp.example, backward=weighted_sum)
+    with torch.enable_grad():
+        result = compiled(mlp.example["input"])
+        weighted_sum({"output": result["output"]}).backward()
+    grad = compiled.read_grads(result)["saved"]["g"]
+    assert grad.shape == () and grad != 0
+
+
 def test_without_gradients_the_program_costs_nothing(mlp):
     compiled = tdhook_fx.compile(mlp.model, "save grad 2 as g; set grad 0 = zeros", example=mlp.example)
     with torch.no_grad():
