@@ -30,6 +30,18 @@ def ancestors(nodes) -> set[fx.Node]:
     return seen
 
 
+def needed_nodes(graph: fx.Graph, targets, up_to: fx.Node | None = None) -> set[fx.Node]:
+    """The nodes that compute `targets`: their ancestors and, with `up_to` (for a graph with
+    in-place ops, which may matter without being an ancestor of anything), every node up to it."""
+    needed = ancestors(targets)
+    if up_to is not None:
+        for node in graph.nodes:
+            needed.add(node)
+            if node is up_to:
+                break
+    return needed
+
+
 def fetch_attr(root: torch.nn.Module, target: str):
     """The attribute at dotted `target` under `root` (None if there is none)."""
     value = root

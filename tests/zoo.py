@@ -69,6 +69,20 @@ class TinyTransformer(nn.Module):
         return self.head(self.ln_f(x))
 
 
+class InPlaceAfterSite(nn.Module):
+    """The parent changes a site's value in place after the site (`h.mul_(2)` on lin1's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(6, 6)
+        self.lin2 = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.lin1(x)
+        h.mul_(2.0)
+        return self.lin2(h) + h.sum(-1, keepdim=True)
+
+
 def tiny_transformer(batch: int = 3, seq: int = 6) -> Sample:
     torch.manual_seed(1)
     model = TinyTransformer().eval()

@@ -1,7 +1,7 @@
 """patch SITE[INDEX] [from SOURCE]: take the site's value from a run on the source inputs.
 
 One fused graph: the source run is a copy of the captured graph's nodes that the patched sites
-need (their ancestors only, so it stops at the last patched site), fed by new inputs
+need (their ancestors, and in a graph with in-place ops every node up to the last patched site), fed by new inputs
 `SOURCE_<input>` (tdhook's ("patched", key) by default), computed before the target run.
 """
 
@@ -12,7 +12,7 @@ from torch import fx
 from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.ir import Intervention
 from tdhook_fx.passes import ops
-from tdhook_fx.graphs import ancestors, readable
+from tdhook_fx.graphs import needed_nodes, readable
 from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.resolve import DEFAULT_PATCH_SOURCE
 
@@ -45,7 +45,10 @@ def _source_values(ctx: RewriteContext, source: str) -> dict[str, fx.Node]:
     }
     pristine = ctx.capture.graph_module.graph
     taps = {n.args[1]: n for n in pristine.nodes if is_tap(n)}
-    needed = ancestors([taps[s] for s in wanted])
+    # in a graph with in-place ops, every node up to the last patched site (an in-place op may
+    # change a value without being an ancestor of the site's node)
+    last = [n for n in pristine.nodes if is_tap(n) and n.args[1] in wanted][-1] if ctx.capture.mutates else None
+    needed = needed_nodes(pristine, [taps[s] for s in wanted], up_to=last)
     inputs = [n for n in pristine.nodes if n.op == "placeholder"]
     env: dict[fx.Node, fx.Node] = {}
     for original, main in zip(inputs, ctx.inputs):

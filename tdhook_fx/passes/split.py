@@ -32,7 +32,7 @@ from torch import fx
 
 from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.graphs import ancestors, mutates
+from tdhook_fx.graphs import mutates, needed_nodes
 
 
 @dataclass(frozen=True)
@@ -133,16 +133,8 @@ def _prefix(graph_module, wanted: list, snapshots: dict, in_place: bool, order: 
     """
     graph = graph_module.graph
     targets = [w[1] if isinstance(w, tuple) else w for w in wanted]
-    if in_place:
-        last = max(list(snapshots) + [t for t in targets if is_tap(t)], key=order.__getitem__)
-        needed = set()
-        for node in graph.nodes:
-            needed.add(node)
-            if node is last:
-                break
-        needed |= ancestors(targets)
-    else:
-        needed = ancestors(targets)
+    last = max(list(snapshots) + [t for t in targets if is_tap(t)], key=order.__getitem__) if in_place else None
+    needed = needed_nodes(graph, targets, up_to=last)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     copied: dict[tuple[str, fx.Node], fx.Node] = {}

@@ -5,8 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tensordict import TensorDict
 
 import tdhook_fx
+from tdhook_fx.testing import assert_equivalent
+from tests import zoo
 
 GOLDEN = Path(__file__).parent / "golden_code"
 CASES = {
@@ -61,3 +64,13 @@ def test_whole_set_leaves_no_dead_code(samples):
     assert compiled.graph_module.code.count("linear") <= 3
     out = compiled(samples("mlp").example["input"])["output"]
     torch.testing.assert_close(out, samples("mlp").model[3:](torch.zeros(4, 16)))
+
+
+def test_patch_source_run_keeps_in_place_ops_that_are_not_ancestors():
+    """`h = lin1(x); h.mul_(2); lin2(h)`: the source run of `patch lin2` must run the mul_, which
+    the patched site's node does not name as an input."""
+    torch.manual_seed(5)
+    model = zoo.InPlaceAfterSite().eval()
+    td = TensorDict(input=torch.randn(4, 6), batch_size=[4])
+    for program in ("patch lin2", "patch lin2[:, 1]", "patch lin1\npatch lin2"):
+        assert_equivalent(model, program, td, sources={"patched": (torch.randn(4, 6),)})

@@ -133,23 +133,9 @@ def test_errors_name_the_problem_and_the_fix(samples):
         sample.model.eval()
 
 
-class InPlaceAfterSite(torch.nn.Module):
-    """The parent changes a site's value in place after the site (`h.mul_(2)` on lin1's output)."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin1 = torch.nn.Linear(6, 6)
-        self.lin2 = torch.nn.Linear(6, 3)
-
-    def forward(self, x):
-        h = self.lin1(x)
-        h.mul_(2.0)
-        return self.lin2(h) + h.sum(-1, keepdim=True)
-
-
 def test_in_place_change_after_the_site_is_not_seen_by_the_sweep():
     torch.manual_seed(5)
-    model = InPlaceAfterSite().eval()
+    model = zoo.InPlaceAfterSite().eval()
     td = TensorDict(input=torch.randn(4, 6), batch_size=[4])
     td["patched", "input"] = torch.randn(4, 6)
     result = sweep(model, "{lin1,lin2}", td, positions=[0, 2])
