@@ -61,6 +61,10 @@ def capture(
         tuple((x.dtype, x.dim()) for x in inputs),
         _structure(model),
     )
+    cached = _CACHE.get(model, {}).get(signature)
+    shapes = tuple(tuple(x.shape) for x in inputs)
+    if cached is not None and shapes in cached.site_tables:  # nothing runs the model: nothing to keep
+        return cached, cached.site_tables[shapes]
     with _model_state_kept(model):
         return _cached_capture(model, inputs, in_keys, out_keys, frontend, signature)
 
@@ -90,9 +94,7 @@ def _cached_capture(model, inputs, in_keys, out_keys, frontend, signature):
     per_model = _CACHE.setdefault(model, {})
     shapes = tuple(tuple(x.shape) for x in inputs)
     cached = per_model.get(signature)
-    if cached is not None:
-        if shapes in cached.site_tables:
-            return cached, cached.site_tables[shapes]
+    if cached is not None:  # but no site table for these shapes yet
         try:
             return cached, _sites(cached, model, inputs, shapes)
         except Exception:  # an exported graph's shape guards refused these inputs: capture again

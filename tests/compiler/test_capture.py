@@ -36,6 +36,17 @@ def test_capture_is_cached_per_signature(samples):
     assert other_keys is not first  # another front-end choice is another signature
 
 
+def test_a_cached_capture_and_site_table_run_nothing(samples, monkeypatch):
+    """The per-call path of the method layer: a cache hit neither runs the model nor copies its buffers."""
+    from tdhook_fx import capture as capture_module
+
+    sample = samples("cnn")
+    inputs = (sample.example["input"],)
+    first = capture(sample.model, inputs, ["input"], ["output"])
+    monkeypatch.setattr(capture_module, "_model_state_kept", None)  # any use of it would fail
+    assert capture(sample.model, inputs, ["input"], ["output"]) == first
+
+
 @pytest.mark.parametrize("name", ["gpt2", "tiny_transformer", "cnn"])
 def test_other_batch_and_sequence_sizes_run_without_recapture(name, samples):
     sample = samples(name)
