@@ -370,17 +370,14 @@ class HookedModuleRun:
         return self.save(*args, **kwargs)
 
     def set_grad(self, *args, **kwargs) -> None:
-        self._grad_enabled = True
         kwargs["direction"] = "bwd"
         self.set(*args, **kwargs)
 
     def get_grad(self, *args, **kwargs) -> CacheProxy:
-        self._grad_enabled = True
         kwargs["direction"] = "bwd"
         return self.get(*args, **kwargs)
 
     def save_grad(self, *args, **kwargs) -> CacheProxy:
-        self._grad_enabled = True
         kwargs["direction"] = "bwd"
         return self.save(*args, **kwargs)
 

@@ -42,10 +42,6 @@ class ModuleRef:
     name: str  # dotted name inside the compiled model ("" is its root)
     module: nn.Module
 
-    @property
-    def dsl_path(self) -> ast.Path:
-        return dsl_path(self.name)
-
 
 def parse_path(path: str) -> list[str | int]:
     """Split a tdhook path into attribute names (str) and container indices (int)."""
@@ -140,7 +136,7 @@ def module_names(model: nn.Module) -> dict[int, str]:
     return names
 
 
-def refer(base: nn.Module, model: nn.Module, path: str, key: str | None = None) -> ModuleRef:
+def refer(base: nn.Module, model: nn.Module, path: str) -> ModuleRef:
     """The module `path` names under `base`, located inside the compiled `model`."""
     module = resolve_submodule(base, path)
     name = module_names(model).get(id(module))
@@ -149,7 +145,7 @@ def refer(base: nn.Module, model: nn.Module, path: str, key: str | None = None) 
             f"module path {path!r} names a {type(module).__name__} outside the model being compiled\n"
             "  hint: name a submodule of the model"
         )
-    return ModuleRef(path if key is None else key, name, module)
+    return ModuleRef(path, name, module)
 
 
 def match_modules(
@@ -197,9 +193,3 @@ def dsl_path(name: str) -> ast.Path:
     """The DSL path of a dotted module name (odd segments are escaped when printed)."""
     return ast.Path(tuple(ast.Attr(segment) for segment in name.split(".")))
 
-
-def submodule_path_to_name(path: str) -> str:
-    """tdhook's helper: `layers[0]` -> `layers.0`, `<blk/0>` -> `blk/0`, `d['q']` -> `d.q`."""
-    if "[-" in path or ":" in path or "(" in path:
-        return path
-    return ".".join(str(step) for step in parse_path(path))

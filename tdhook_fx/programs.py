@@ -23,15 +23,13 @@ from tensordict import TensorDictBase
 from torch import nn
 
 from tdhook_fx.capture.sites import SiteInfo, SiteTable
-from tdhook_fx.compiled import CompiledModule
+from tdhook_fx.compiled import GRAD_DELTA, CompiledModule
 from tdhook_fx.errors import TdhookFxError
 from tdhook_fx.paths import dsl_path
+from tdhook_fx.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 from tdhook_fx.pipeline import compile as compile_program
 from tdhook_fx.pipeline import sites as site_table_of
 from tdhook_fx.syntax import ast
-
-DEFAULT_IN_KEYS = ["input"]
-DEFAULT_OUT_KEYS = ["output"]
 
 
 class MissingInputKey(TdhookFxError, KeyError):
@@ -228,7 +226,7 @@ class ProgramBuilder:
 class ProgramCache:
     """Compiled programs, per model, by program text, keys, mode and input signature.
 
-    `compilations` counts the programs compiled (a cache miss); `hits` the reuses. Each model
+    `compilations` counts the programs compiled (a cache miss). Each model
     keeps its `per_model` most recently used programs.
     """
 
@@ -236,7 +234,6 @@ class ProgramCache:
         self._per_model: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._limit = per_model
         self.compilations = 0
-        self.hits = 0
 
     def compiled(
         self, interface: ModelInterface, program: ast.Program | str, inputs: tuple, source: str
@@ -246,7 +243,6 @@ class ProgramCache:
         key = (text, interface.call_keys, interface.out_keys, interface.model.training, signature)
         entries = self._per_model.setdefault(interface.model, OrderedDict())
         if key in entries:
-            self.hits += 1
             entries.move_to_end(key)
             return entries[key]
         compiled = compile_program(
@@ -267,7 +263,6 @@ class ProgramCache:
 PROGRAMS = ProgramCache()
 
 
-GRAD_DELTA = "_grad_delta"  # where a compiled call returns the inputs whose gradients `save grad` reads
 
 
 @dataclass

@@ -334,6 +334,7 @@ def assert_equivalent(
     """
     import tdhook_fx
     from tdhook_fx import reference
+    from tdhook_fx.compiled import GRAD_DELTA, SAVED
 
     compiled = tdhook_fx.compile(model, program, example=example, in_keys=in_keys, out_keys=out_keys)
     if values:
@@ -343,10 +344,10 @@ def assert_equivalent(
         inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
     source_inputs = {name: tuple(given) for name, given in (sources or {}).items()}
     got = compiled(*inputs, **source_inputs)
-    flat = {k: v for k, v in got.items() if k not in ("saved", "_grad_delta")}
+    flat = {k: v for k, v in got.items() if k not in (SAVED, GRAD_DELTA)}
     flat.update({("saved", k): v for k, v in got.get("saved", {}).items()})
     if backward is not None:
-        flat.update(_compiled_gradients(model, compiled, inputs, got.get("_grad_delta", {}), backward(flat)))
+        flat.update(_compiled_gradients(model, compiled, inputs, got.get(GRAD_DELTA, {}), backward(flat)))
     want = reference.run(
         model, program, inputs, in_keys=in_keys, out_keys=out_keys, values=values, sources=sources, backward=backward
     )

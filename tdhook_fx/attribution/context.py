@@ -17,6 +17,8 @@ from torch import nn
 
 import tdhook_fx
 from tdhook_fx.capture import key_name
+from tdhook_fx.compiled import GRAD_DELTA, SAVED
+from tdhook_fx.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 
 
 def join_keys(prefix, key) -> tuple:
@@ -43,8 +45,8 @@ class ModelKeys:
         if isinstance(in_keys, dict):
             call, td = tuple(in_keys), tuple(in_keys.values())
         else:
-            call = td = tuple(in_keys or ["input"])
-        return cls(td, call, tuple(out_keys or ["output"]))
+            call = td = tuple(in_keys or DEFAULT_IN_KEYS)
+        return cls(td, call, tuple(out_keys or DEFAULT_OUT_KEYS))
 
 
 class MethodContext:
@@ -133,7 +135,7 @@ class AttributedModule(TensorDictModuleBase):
         """Run `compiled` on `inputs`: (model outputs in out_keys order, saved values, gradient inputs)."""
         result = compiled(*inputs)
         outputs = [result[key_name(k)] for k in self.keys.out_keys] if compiled.out_keys else []
-        return outputs, result.get("saved", {}), result.get("_grad_delta", {})
+        return outputs, result.get(SAVED, {}), result.get(GRAD_DELTA, {})
 
     def extra_repr(self) -> str:
         return f"method={type(self.method).__name__}, in_keys={self.in_keys}, out_keys={self.out_keys}"

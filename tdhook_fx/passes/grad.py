@@ -38,7 +38,7 @@ from tdhook_fx.passes import ops
 from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.syntax import ast
 
-GRAD_DELTA = "tdhook_fx_grad_delta"  # placeholder meta: the saved gradient's name
+GRAD_DELTA_META = "tdhook_fx_grad_delta"  # placeholder meta: the saved gradient's name
 GRAD_CHAIN = "tdhook_fx_grad_chain"  # node meta: the site whose gradient chain the node is in
 
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -50,7 +50,7 @@ _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operato
 def insert_save_grad(ctx: RewriteContext, intervention: Intervention) -> None:
     name = intervention.name
     delta = ctx.add_input(f"grad_{name}")
-    delta.meta[GRAD_DELTA] = name
+    delta.meta[GRAD_DELTA_META] = name
     index = ctx.index(intervention.index)
 
     def build(value: fx.Node) -> fx.Node:
@@ -80,13 +80,13 @@ def insert_set_grad(ctx: RewriteContext, intervention: Intervention) -> None:
 def move_grad_inputs_last(graph: fx.Graph) -> tuple[str, ...]:
     """Put the `save grad` inputs after every other graph input; returns their names in order."""
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    deltas = [n for n in placeholders if GRAD_DELTA in n.meta]
-    others = [n for n in placeholders if GRAD_DELTA not in n.meta]
+    deltas = [n for n in placeholders if GRAD_DELTA_META in n.meta]
+    others = [n for n in placeholders if GRAD_DELTA_META not in n.meta]
     last = others[-1]
     for delta in deltas:
         last.append(delta)
         last = delta
-    return tuple(n.meta[GRAD_DELTA] for n in deltas)
+    return tuple(n.meta[GRAD_DELTA_META] for n in deltas)
 
 
 # ---- chains of grad statements at one site ----------------------------------------------------
