@@ -26,6 +26,7 @@ from tensordict import TensorDict, TensorDictBase
 
 from tdhook_fx.attribution.context import MethodContext, ModelKeys, join_keys, unwrap
 from tdhook_fx.errors import TdhookFxError
+from tdhook_fx.programs import dsl_site
 from tdhook_fx.syntax.ast import variables
 
 INTERMEDIATE = ("_register_in", "_mod_in", "_mod_out", "_cache_in", "_cache_out")
@@ -126,7 +127,7 @@ class GradientAttribution:
         if not self._use_outputs and compiled.resolved.interventions:
             # nothing after the last named site is needed: cut the graph there
             last = max(compiled.resolved.interventions, key=lambda i: i.site.order).site
-            compiled = hooked.compile_program(lines + [f"stop {render_site(last.name)}"], inputs, bindings)
+            compiled = hooked.compile_program(lines + [f"stop {dsl_site(compiled.sites, last)}"], inputs, bindings)
         self._bind_output_grad_callbacks(hooked, compiled)
         return compiled
 
@@ -301,21 +302,6 @@ class GradientAttribution:
             td.set(join_keys("_mod_out", key), _unflatten(value.detach(), shape))
         for path, value in activations.items():
             td.set(join_keys("_cache_in", path), _unflatten(value.detach(), shape))
-
-
-def render_site(name: str) -> str:
-    """A canonical site name ("h.0.attn:out.0", "blk/0.act@1") written as DSL site text."""
-    import re
-
-    module, _, port = name.partition(":")
-    module, _, call = module.partition("@")
-    keywords = {"grad", "out", "in", "value", "zeros", "mean", "as", "save", "set", "stop"}
-
-    def segment(s: str) -> str:
-        return s if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+", s) and s not in keywords else f"<{s}>"
-
-    text = ".".join(segment(s) for s in module.split("."))
-    return text + (f"@{call}" if call else "") + (f":{port}" if port else "")
 
 
 def _output_grad(callback: Callable, module) -> Callable:

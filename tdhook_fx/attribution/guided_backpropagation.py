@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tdhook_fx.attribution.gradients import GradientAttribution, render_site
+from tdhook_fx.attribution.gradients import GradientAttribution
+from tdhook_fx.programs import dsl_site
 
 
 class GuidedBackpropagation(GradientAttribution):
@@ -29,12 +30,13 @@ class GuidedBackpropagation(GradientAttribution):
     def program(self, hooked, inputs: tuple) -> tuple[list[str], dict]:
         lines, bindings = super().program(hooked, inputs)
         modules = dict(hooked.model.named_modules())
-        for site in hooked.sites(inputs):
+        table = hooked.sites(inputs)
+        for site in table:
             if site.kind != "in" or not site.eager or not site.dtype.is_floating_point:
                 continue
             if not site.module or isinstance(modules[site.module], self._classes_to_skip):
                 continue
-            lines.append(f"set grad {render_site(site.name)} = $relu(value)")
+            lines.append(f"set grad {dsl_site(table, site)} = $relu(value)")
         return lines, {**bindings, "relu": torch.relu}
 
     def _grad_attr(self, grads: dict, values: dict) -> dict:
