@@ -8,7 +8,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
-from tdhook_fx.capture import Capture, SiteTable, key_name
+from tdhook_fx.capture import Capture, SiteTable, join_keys, key_name
 from tdhook_fx.errors import BindingError, TdhookFxError
 from tdhook_fx.ir import ResolvedProgram
 from tdhook_fx.passes import Rewritten
@@ -176,7 +176,7 @@ class CompiledModule(nn.Module):
     def _call_tensordict(self, td: TensorDictBase) -> TensorDictBase:
         inputs = [_get(td, key, "model input") for key in self.in_keys]
         runtime = [self._runtime(name, td.get(name, None)) for name in self.runtime_names]
-        sources = [_get(td, _nested(source, self.in_keys[i]), "patch source") for source, i in self._rewritten.source_inputs]
+        sources = [_get(td, join_keys(source, self.in_keys[i]), "patch source") for source, i in self._rewritten.source_inputs]
         deltas = self._grad_deltas(inputs, runtime)
         outputs = self._run_graph(*inputs, *runtime, *sources, *deltas)
         keys = [*self.out_keys, *((SAVED, name) for name in self.saved_names)]
@@ -317,11 +317,6 @@ def _get(td: TensorDictBase, key, what: str) -> torch.Tensor:
             f"{sorted(map(str, td.keys(include_nested=True, leaves_only=True)))}"
         )
     return value
-
-
-def _nested(group: str, key) -> tuple:
-    """The key of `key` inside a group: ("patched", "input"), ("patched", "a", "b")."""
-    return (group, *key) if isinstance(key, tuple) else (group, key)
 
 
 def _check_batch(td: TensorDictBase, key, value: torch.Tensor) -> None:

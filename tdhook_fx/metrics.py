@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from tdhook_fx.attribution.context import join_keys
+from tdhook_fx.capture import join_keys
 
 
 class InfidelityMetric:

@@ -22,6 +22,7 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from tdhook_fx.capture import join_keys
 from tdhook_fx.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.compiled import GRAD_DELTA, CompiledModule
 from tdhook_fx.errors import TdhookFxError
@@ -95,7 +96,7 @@ class ModelInterface:
         """The model inputs in `td` (or under `(group, key)`), each checked to be there."""
         values = []
         for key in self.in_keys:
-            full = key if group is None else (group, *(key if isinstance(key, tuple) else (key,)))
+            full = key if group is None else join_keys(group, key)
             values.append(require(td, full, purpose, hint))
         return tuple(values)
 

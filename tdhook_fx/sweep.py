@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from tdhook_fx.capture import capture, key_name
+from tdhook_fx.capture import capture, join_keys, key_name
 from tdhook_fx.capture.sites import SiteInfo
 from tdhook_fx.errors import BindingError, TdhookFxError
 from tdhook_fx.passes.split import Cut, cut
@@ -107,7 +107,7 @@ def sweep(
 def _source_inputs(inputs: TensorDictBase, source: str, in_keys) -> tuple[torch.Tensor, ...]:
     found = []
     for key in in_keys:
-        full = (source, *key) if isinstance(key, tuple) else (source, key)
+        full = join_keys(source, key)
         value = inputs.get(full, None)
         if value is None:
             raise BindingError(

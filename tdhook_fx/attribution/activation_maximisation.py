@@ -11,8 +11,8 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDictBase
 
-from tdhook_fx.attribution.context import join_keys
 from tdhook_fx.attribution.gradients import GradientAttribution
+from tdhook_fx.capture import join_keys
 
 
 class ActivationMaximisation(GradientAttribution):

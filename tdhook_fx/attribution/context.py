@@ -21,13 +21,6 @@ from tdhook_fx.compiled import GRAD_DELTA, SAVED
 from tdhook_fx.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 
 
-def join_keys(prefix, key) -> tuple:
-    """("attr", "input") from "attr" and "input"; nested keys are flattened (tdhook's join_keys)."""
-    prefix = prefix if isinstance(prefix, tuple) else (prefix,)
-    key = key if isinstance(key, tuple) else (key,)
-    return (*prefix, *key)
-
-
 @dataclass(frozen=True)
 class ModelKeys:
     """Where the model's inputs are in the TensorDict, how the model takes them, where outputs go.

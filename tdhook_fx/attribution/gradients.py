@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from tdhook_fx.attribution.context import MethodContext, ModelKeys, join_keys, unwrap
+from tdhook_fx.attribution.context import MethodContext, ModelKeys, unwrap
+from tdhook_fx.capture import join_keys
 from tdhook_fx.errors import TdhookFxError
 from tdhook_fx.programs import dsl_site
 from tdhook_fx.syntax.ast import variables

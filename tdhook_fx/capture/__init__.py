@@ -13,7 +13,7 @@ from torch import fx, nn
 
 from tdhook_fx.capture import export as export_frontend
 from tdhook_fx.capture import trace as trace_frontend
-from tdhook_fx.capture.adapter import CallPlan, key_name, model_call, plan_call
+from tdhook_fx.capture.adapter import CallPlan, join_keys, key_name, model_call, plan_call
 from tdhook_fx.capture.sites import SiteInfo, SiteTable, build_site_table
 from tdhook_fx.capture.taps import SiteKey, Tapper
 from tdhook_fx.errors import CaptureError
@@ -158,4 +158,4 @@ def _failure_message(model, failures) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Capture", "SiteInfo", "SiteTable", "capture", "key_name"]
+__all__ = ["Capture", "SiteInfo", "SiteTable", "capture", "join_keys", "key_name"]

@@ -46,6 +46,13 @@ def key_name(key) -> str:
     return ".".join(key) if isinstance(key, tuple) else str(key)
 
 
+def join_keys(prefix, key) -> tuple:
+    """("patched", "input") from "patched" and "input"; nested keys are flattened (tdhook's join_keys)."""
+    prefix = prefix if isinstance(prefix, tuple) else (prefix,)
+    key = key if isinstance(key, tuple) else (key,)
+    return (*prefix, *key)
+
+
 def plan_call(model: nn.Module, in_keys, out_keys, inputs: Sequence[torch.Tensor]) -> tuple[CallPlan, tuple]:
     """Decide how to call `model` and pick its outputs; returns the plan and eager outputs."""
     parameters = _forward_parameters(model)

@@ -21,6 +21,7 @@ import torch
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
+from tdhook_fx.capture import join_keys
 from tdhook_fx.contexts import HookingContextFactory
 from tdhook_fx.errors import TdhookFxError
 from tdhook_fx.paths import refer
@@ -75,7 +76,7 @@ class ActivationPatching(HookingContextFactory):
             td,
             self._patch_key,
             "the inputs of the patched run",
-            f"put the source inputs at td[{_nested(self._patch_key, interface.in_keys[0])!r}]",
+            f"put the source inputs at td[{join_keys(self._patch_key, interface.in_keys[0])!r}]",
         )
         refs = [refer(interface.root, interface.model, path) for path in self._modules_to_patch]
         if self._can_stack(hooked, td, clean, patched):
@@ -85,7 +86,7 @@ class ActivationPatching(HookingContextFactory):
         for key, value in clean_outputs.items():
             td.set(key, value)
         for key, value in patched_outputs.items():
-            td.set(_nested(self._patch_key, key), value)
+            td.set(join_keys(self._patch_key, key), value)
         return td
 
     def _can_stack(self, hooked, td, clean, patched) -> bool:
@@ -161,8 +162,3 @@ def _calls(table, ref) -> int:
         )
     return count
 
-
-def _nested(group, key) -> tuple:
-    group = group if isinstance(group, tuple) else (group,)
-    key = key if isinstance(key, tuple) else (key,)
-    return (*group, *key)

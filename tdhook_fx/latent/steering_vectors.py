@@ -18,6 +18,7 @@ from collections.abc import Callable
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
+from tdhook_fx.capture import join_keys
 from tdhook_fx.contexts import HookingContextFactory
 from tdhook_fx.paths import refer
 from tdhook_fx.programs import (
@@ -83,7 +84,7 @@ class ActivationAddition(HookingContextFactory):
                 td,
                 group,
                 f"the {role} examples that ActivationAddition contrasts",
-                f"put the {role} inputs at {_example_key(group, interface.in_keys[0])}",
+                f"put the {role} inputs at td[{join_keys(group, interface.in_keys[0])!r}]",
             )
             table = sites_for(interface, inputs)
             builder = ProgramBuilder()
@@ -109,11 +110,6 @@ class ActivationAddition(HookingContextFactory):
             {self._steer_key: TensorDict(vectors, batch_size=[])}, batch_size=[], device=td.device
         )
 
-
-def _example_key(group, key) -> str:
-    group = group if isinstance(group, tuple) else (group,)
-    key = key if isinstance(key, tuple) else (key,)
-    return f"td[{(*group, *key)!r}]"
 
 
 def _never_called(path: str):

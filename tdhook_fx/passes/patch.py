@@ -10,9 +10,9 @@ from __future__ import annotations
 from torch import fx
 
 from tdhook_fx.capture.taps import is_tap
+from tdhook_fx.graphs import needed_nodes, readable
 from tdhook_fx.ir import Intervention
 from tdhook_fx.passes import ops
-from tdhook_fx.graphs import needed_nodes, readable
 from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.resolve import DEFAULT_PATCH_SOURCE
 
