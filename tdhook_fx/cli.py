@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from tdhook_fx.capture import key_name
 from tdhook_fx.errors import TdhookFxError
 
 USER_ERROR = 1
@@ -156,24 +157,20 @@ def sites_command(args) -> int:
 
 
 def show_command(args) -> int:
-    sample = load_model(args.model)
-    text, source = read_program(args.program)
-    cm = _compile(sample, text, source)
+    _, cm = _compiled(args)
     print(describe_program(cm))
     print(annotated_code(cm, full=args.full))
     return 0
 
 
 def run_command(args) -> int:
-    sample = load_model(args.model)
-    text, source = read_program(args.program)
-    cm = _compile(sample, text, source)
+    sample, cm = _compiled(args)
     cm.bind(**runtime_values(cm, args.values))
-    inputs = tuple(sample.example[key] for key in sample.in_keys)
+    inputs = cm.example_inputs
     sources = patch_sources(cm, inputs)
     with torch.no_grad():
         result = cm(*inputs, **sources)
-    shapes = ", ".join(f"{_key(k)} {_shape(x)} {_dtype(x)}" for k, x in zip(sample.in_keys, inputs))
+    shapes = ", ".join(f"{key_name(k)} {_shape(x)} {_dtype(x)}" for k, x in zip(sample.in_keys, inputs))
     print(f"{args.model}: {type(sample.model).__name__} ({cm.frontend} front end) on {shapes}")
     rows = [(name, value) for name, value in result.items() if name != "saved"]
     saved = list(result.get("saved", {}).items())
@@ -188,26 +185,22 @@ def run_command(args) -> int:
 
 
 def export_command(args) -> int:
-    sample = load_model(args.model)
-    text, source = read_program(args.program)
-    cm = _compile(sample, text, source)
+    _, cm = _compiled(args)
     cm.bind(**runtime_values(cm, args.values))
     out = Path(args.out)
     if out.suffix == ".pt2":
         from tdhook_fx.standalone import inspect_export
 
-        print(cm.export(out, example=sample.example))
+        print(cm.export(out))
         print(str(inspect_export(out)).splitlines()[0])
     else:
-        cm.save(out, example=sample.example)
+        cm.save(out)
         print(f"wrote {out} (safe to load: tdhook_fx.load({str(out)!r}, model))")
     return 0
 
 
 def draw_command(args) -> int:
-    sample = load_model(args.model)
-    text, source = read_program(args.program)
-    cm = _compile(sample, text, source)
+    _, cm = _compiled(args)
     depth = args.depth
     if depth == "all":
         depth = None
@@ -317,12 +310,16 @@ def read_program(argument: str, must_be_file: bool = False) -> tuple[str, str]:
 def _compile(sample, text: str, source: str):
     import tdhook_fx
 
-    cm = tdhook_fx.compile(
+    return tdhook_fx.compile(
         sample.model, text, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys, source=source
     )
-    if getattr(cm, "example_inputs", None) is None:
-        cm.example_inputs = tuple(sample.example[key] for key in sample.in_keys)
-    return cm
+
+
+def _compiled(args):
+    """The model and program the command names, compiled: (sample, compiled module)."""
+    sample = load_model(args.model)
+    text, source = read_program(args.program)
+    return sample, _compile(sample, text, source)
 
 
 def select_sites(table, selector: str) -> list:
@@ -405,7 +402,7 @@ def patch_sources(cm, inputs: tuple) -> dict:
         for key, x in zip(cm.in_keys, inputs):
             if x.is_floating_point():
                 made.append(torch.randn(x.shape, generator=generator, dtype=x.dtype))
-            elif _key(key) == "attention_mask" or x.dtype == torch.bool:
+            elif key_name(key) == "attention_mask" or x.dtype == torch.bool:
                 made.append(x.clone())
             else:
                 made.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=generator, dtype=x.dtype))
@@ -517,6 +514,3 @@ def _shape(x: torch.Tensor) -> str:
 def _dtype(x: torch.Tensor) -> str:
     return str(x.dtype).removeprefix("torch.")
 
-
-def _key(key) -> str:
-    return ".".join(key) if isinstance(key, tuple) else str(key)

@@ -25,7 +25,7 @@ from torch import fx
 
 from tdhook_fx.capture import key_name
 from tdhook_fx.errors import ExportError
-from tdhook_fx.graphs import readable
+from tdhook_fx.graphs import natural_order, readable
 from tdhook_fx.passes import INSERTED
 
 MAX_BOXES = 40
@@ -83,7 +83,7 @@ def node_graph(cm) -> nx.DiGraph:
     """
     inserted = inserted_nodes(cm)
     sites = site_node_names(cm)
-    copies = _source_run(cm, inserted)
+    copies = _source_run(cm)
     graph = nx.DiGraph()
     nodes = list(cm.graph.nodes)
     modules: dict[str, str] = {}
@@ -110,7 +110,7 @@ def node_graph(cm) -> nx.DiGraph:
     return graph
 
 
-def _source_run(cm, inserted: set[str]) -> set[str]:
+def _source_run(cm) -> set[str]:
     """The copies of model nodes that compute a patch's source run (inserted, but the model's ops)."""
     return {n.name for n in cm.graph.nodes if n.meta.get(INSERTED) == "source" and n.meta.get("nn_module_stack")}
 
@@ -462,7 +462,7 @@ def _module_tree(graph: nx.DiGraph) -> str:
             data = graph.nodes[name]
             css = ' class="inserted"' if data["kind"] == "inserted" else ""
             items.append(f"<li{css}><code>{html.escape(name)}</code>: {html.escape(data['what'])}</li>")
-        nested = "".join(render(c) for c in sorted(children.get(module, ()), key=_natural))
+        nested = "".join(render(c) for c in sorted(children.get(module, ()), key=natural_order))
         label = html.escape(module or "(model)")
         return (
             f'<details{" open" if marked else ""} class="{"has-inserted" if marked else ""}">'
@@ -470,10 +470,6 @@ def _module_tree(graph: nx.DiGraph) -> str:
         )
 
     return render("")
-
-
-def _natural(text: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _one_line(program: str) -> str:

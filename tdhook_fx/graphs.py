@@ -12,6 +12,11 @@ _SIDE_EFFECTS = fx.node._side_effectful_functions  # asserts, profiler marks, sh
 _IN_PLACE = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv}
 
 
+def natural_order(name: str) -> list:
+    """A sort key that puts numbered names in numeric order: h.2 before h.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def readable(text: str) -> str:
     """A node name that explains itself: 'steer', 'transformer.h.2.mlp' -> steer_transformer_h_2_mlp."""
     return re.sub(r"\W+", "_", text).strip("_")

@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import json
 import os
-import re
 import warnings
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from torch import nn
 
 from tdhook_fx.capture.export import dynamic_dims
 from tdhook_fx.errors import ExportError, TdhookFxError
+from tdhook_fx.graphs import natural_order
 
 FORMAT = "tdhook_fx.saved/1"
 _MANIFEST_KEY = "tdhook_fx"
@@ -149,7 +149,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
         raise ExportError(f"{path}: the saved program no longer compiles onto this model:\n{error}") from None
     cm.bind(**{name: tensors[key] for name, key in manifest["bound"].items()})
     _restore_masks(cm, manifest["masks"], tensors, path)
-    cm.example_inputs = inputs
     return cm
 
 
@@ -193,13 +192,13 @@ def _check_model(saved: dict, model: nn.Module, check_weights: bool, path) -> No
     if saved["class"] != given["class"]:
         differences.append(f"model class: saved {saved['class']}, given {given['class']}")
     unmatched: list[str] = []  # modules only one side has: their contents are not listed again
-    for name in sorted(saved["modules"].keys() | given["modules"].keys(), key=_natural):
+    for name in sorted(saved["modules"].keys() | given["modules"].keys(), key=natural_order):
         ours, theirs = saved["modules"].get(name), given["modules"].get(name)
         if ours != theirs and name and not _inside(name, unmatched):
             differences.append(_difference("module", name, ours, theirs))
             if ours is None or theirs is None:
                 unmatched.append(name)
-    for name in sorted(saved["tensors"].keys() | given["tensors"].keys(), key=_natural):
+    for name in sorted(saved["tensors"].keys() | given["tensors"].keys(), key=natural_order):
         ours, theirs = saved["tensors"].get(name), given["tensors"].get(name)
         if ours != theirs and not _inside(name, unmatched):
             differences.append(_difference("tensor", name, _describe(ours), _describe(theirs)))
@@ -228,10 +227,6 @@ def _check_model(saved: dict, model: nn.Module, check_weights: bool, path) -> No
 
 def _inside(name: str, modules: list[str]) -> bool:
     return any(name.startswith(module + ".") for module in modules)
-
-
-def _natural(text: str):
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]
 
 
 def _difference(kind: str, name: str, saved, given) -> str:
@@ -270,13 +265,13 @@ def example_of(cm, example=None) -> tuple[torch.Tensor, ...]:
         from tdhook_fx.pipeline import example_inputs
 
         return example_inputs(example, cm.in_keys)
-    remembered = getattr(cm, "example_inputs", None)
-    if remembered is None:
+    if cm.example_inputs is None:
         raise ExportError(
             "this compiled module does not know the example inputs it was compiled on\n"
-            "  hint: pass them: cm.save(path, example=td) (the TensorDict or tensors given to tdhook_fx.compile)"
+            "  hint: pass them: cm.save(path, example=td) or cm.export(path, example=td) (the TensorDict "
+            "or tensors given to tdhook_fx.compile)"
         )
-    return tuple(remembered)
+    return tuple(cm.example_inputs)
 
 
 def base_model(cm) -> nn.Module:
@@ -286,8 +281,7 @@ def base_model(cm) -> nn.Module:
 
 def capture_out_keys(cm) -> list:
     """The out_keys the model was captured with (a `stop` program returns none of them)."""
-    capture = getattr(cm, "capture", None)
-    return list(capture.plan.out_keys) if capture is not None else list(cm.out_keys)
+    return list(cm.capture.plan.out_keys)
 
 
 def graph_tensors(cm) -> dict[str, torch.Tensor]:
