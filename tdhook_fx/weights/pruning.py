@@ -44,6 +44,7 @@ class Pruning(HookingContextFactory):
         self._skip_modules = skip_modules
         self._relative_path = relative_path or ""
         self._masks: dict[str, torch.Tensor] = {}  # parameter name in the model -> mask
+        self._pruned: dict[str, int] = {}  # parameter name -> how many weights its mask zeros
 
     @property
     def masks(self) -> dict[str, torch.Tensor]:
@@ -63,9 +64,10 @@ class Pruning(HookingContextFactory):
             else:
                 masks = self._structured_masks(root)
         self._masks = {_join(prefix, module, parameter): mask for (module, parameter), mask in masks.items()}
+        self._pruned = {name: int((mask == 0).sum()) for name, mask in self._masks.items()}  # counted once
 
     def _exit(self, hooked) -> None:
-        self._masks = {}
+        self._masks, self._pruned = {}, {}
 
     def _global_masks(self, root: nn.Module) -> dict:
         entries = []
@@ -91,9 +93,10 @@ class Pruning(HookingContextFactory):
 
     def _structured_masks(self, root: nn.Module) -> dict:
         masks = {}
+        names = module_names(root)
         for path, (dim, amount) in self._modules_to_prune.items():
             submodule = resolve_submodule(root, path)
-            name = module_names(root)[id(submodule)]
+            name = names[id(submodule)]
             for parameter_name, parameter in submodule.named_parameters(recurse=False):
                 score = self._importance_callback(
                     module_key=path, parameter_name=parameter_name, parameter=parameter
@@ -109,7 +112,7 @@ class Pruning(HookingContextFactory):
 
     def _build(self, hooked, builder, table, td):
         for name, mask in self._masks.items():
-            pruned = int((mask == 0).sum())
+            pruned = self._pruned[name]
             module = name.rpartition(".")[0]
             if not pruned or not calls(table, module):
                 continue  # nothing to zero, or a module the model never calls (its weights do nothing)

@@ -49,6 +49,7 @@ class Probing(HookingContextFactory):
         self._additional_keys = list(additional_keys or [])
         self._classes_to_hook = tuple(classes_to_hook or self.default_classes_to_hook)
         self._classes_to_skip = tuple(classes_to_skip or self.default_classes_to_skip)
+        self._refs: list = []
         self._probes: dict = {}
 
     @property
@@ -66,14 +67,15 @@ class Probing(HookingContextFactory):
         return refs
 
     def _enter(self, hooked) -> None:
+        self._refs = self._modules(hooked)  # matched once: the model does not change in context
         self._probes = {
             (ref.key, direction): self._probe_factory(ref.key, direction)
             for direction in self._directions
-            for ref in self._modules(hooked)
+            for ref in self._refs
         }
 
     def _exit(self, hooked) -> None:
-        self._probes = {}
+        self._refs, self._probes = [], {}
 
     def _build(self, hooked, builder, table, td):
         metadata = {}
@@ -84,7 +86,7 @@ class Probing(HookingContextFactory):
             metadata[name] = td[name]  # a string (step_type) comes back as a string
         reads = []
         for direction in self._directions:
-            for ref in self._modules(hooked):
+            for ref in self._refs:
                 read = add_read(builder, table, ref.key, ref.name, ref.module, direction)
                 if read is not None:
                     reads.append((self._probes[(ref.key, direction)], read))
