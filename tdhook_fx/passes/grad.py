@@ -161,16 +161,12 @@ def compile_rule(expr, index, names: list[str], statement: str, site: str):
     def rule(grad: torch.Tensor, *operands) -> torch.Tensor:
         env = dict(zip(names, operands))
         concrete = None if index is None else _concrete_index(index, env)
-        region = grad if concrete is None else grad[concrete]
+        region = grad if concrete is None else ops.region(grad, concrete)  # a `$pos` stays a tensor
         new = evaluate(region, env)
         if isinstance(new, torch.Tensor):
             new = ops.fit(new, region, statement, f"the gradient at {site}")
-        new_region = torch.empty_like(region).copy_(new)
-        if concrete is None:
-            return new_region
-        out = grad.clone()
-        out[concrete] = new_region
-        return out
+        new_region = ops.filled(region, new)
+        return new_region if concrete is None else ops.assign(grad, concrete, new_region)
 
     return rule
 

@@ -171,3 +171,17 @@ def test_compile_method_gives_one_graph_with_save_grad(samples):
     torch.testing.assert_close(results[1]["output"], results[0]["output"])
     for name in eager.grad_names:
         torch.testing.assert_close(results[1]["saved"][name], results[0]["saved"][name])
+
+
+def test_a_new_position_in_set_grad_does_not_recompile(samples):
+    """`set grad SITE[:, $pos]`: the position reaches the backward rule as a tensor, not a constant."""
+    sample = samples("mlp")
+    compiled = tdhook_fx.compile(sample.model, "set grad 2[:, $pos] = zeros", example=sample.example)
+    counter = CompileCounter()
+    run = torch.compile(compiled, backend=counter)
+    for position in (1, 2, 3):
+        got, want = (sample.example["input"].clone().requires_grad_() for _ in range(2))
+        run(got, pos=torch.tensor(position))["output"].sum().backward()
+        compiled(want, pos=torch.tensor(position))["output"].sum().backward()
+        torch.testing.assert_close(got.grad, want.grad)
+    assert counter.frame_count == 1
