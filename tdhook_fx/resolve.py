@@ -19,6 +19,7 @@ from torch import nn
 from tdhook_fx.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.ir import Intervention, ResolvedProgram
+from tdhook_fx.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.syntax import ast
 
 DEFAULT_PATCH_SOURCE = "patched"
@@ -177,7 +178,7 @@ class _Resolver:
         """Check `expr` against the site; returns its shape where known at compile time."""
         shape = self._expr_shape(expr, site, region)
         if shape is not None and region is not None:
-            if not _broadcasts(shape, region):
+            if not broadcasts_to(shape, region):
                 raise _Problem(
                     expr.span,
                     f"a value of shape {_fmt(shape)} does not fit {site.name}"
@@ -518,14 +519,7 @@ def _region_shape(site: SiteInfo, index) -> tuple | None:
         return site.shape
     if any(isinstance(i, ast.Var) or (isinstance(i, slice) and any(isinstance(b, ast.Var) for b in (i.start, i.stop, i.step))) for i in index):
         return None
-    return tuple(torch.empty(site.shape, device="meta")[index].shape)
-
-
-def _broadcasts(value: tuple, target: tuple) -> bool:
-    try:
-        return tuple(torch.broadcast_shapes(value, target)) == tuple(target)
-    except RuntimeError:
-        return False
+    return tuple(indexed_shape(site.shape, index))
 
 
 def _is_fractional(expr) -> bool:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
+from tdhook_fx.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.syntax import ast
 
 identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
@@ -192,7 +193,7 @@ def _region(shape, index_text: str):
             items.append(slice(int(a), int(b)))
         else:
             items.append(int(part))
-    return tuple(torch.empty(shape, device="meta")[tuple(items)].shape)
+    return tuple(indexed_shape(shape, tuple(items)))
 
 
 @st.composite
@@ -265,7 +266,7 @@ def _mentions(line: str, name: str) -> bool:
 @st.composite
 def _values(draw, site, region, saved, values, generator, var_name) -> str:
     options = ["number", "zeros", "mean", "var", "value", "function"]
-    earlier = [name for name, other, shape in saved if other.order <= site.order and _fits(shape, region) and other.dtype == site.dtype]
+    earlier = [name for name, other, shape in saved if other.order <= site.order and broadcasts_to(shape, region) and other.dtype == site.dtype]
     if earlier:
         options.append("saved")
     choice = draw(st.sampled_from(options))
@@ -285,14 +286,6 @@ def _values(draw, site, region, saved, values, generator, var_name) -> str:
     shape = draw(st.sampled_from([(), region[-1:] if region else ()]))
     values[var_name] = torch.randn(shape, generator=generator)
     return f"${var_name}" + draw(st.sampled_from(["", " * 2", " - 1"]))
-
-
-def _fits(shape, region) -> bool:
-    try:
-        return tuple(torch.broadcast_shapes(shape, region)) == tuple(region)
-    except RuntimeError:
-        return False
-
 
 
 @st.composite

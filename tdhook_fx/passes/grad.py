@@ -36,6 +36,7 @@ from tdhook_fx.graphs import readable
 from tdhook_fx.ir import Intervention
 from tdhook_fx.passes import ops
 from tdhook_fx.passes.context import RewriteContext
+from tdhook_fx.shapes import indexed_shape
 from tdhook_fx.syntax import ast
 
 GRAD_DELTA_META = "tdhook_fx_grad_delta"  # placeholder meta: the saved gradient's name
@@ -262,6 +263,6 @@ def region_shape(shape: torch.Size, index, runtime: dict) -> torch.Size:
         return torch.Size(shape)
     concrete = _concrete_index(index, {"$" + k: v for k, v in runtime.items()})
     try:
-        return torch.empty(shape, device="meta")[concrete].shape
+        return indexed_shape(shape, concrete)
     except (IndexError, RuntimeError) as error:
         raise BindingError(f"the index {index} does not fit a value of shape {tuple(shape)}: {error}") from None

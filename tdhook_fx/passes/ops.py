@@ -9,6 +9,7 @@ import torch
 
 from tdhook_fx.errors import BindingError
 from tdhook_fx.passes.masks import magnitude_mask
+from tdhook_fx.shapes import broadcasts_to
 
 
 def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:
@@ -16,7 +17,7 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
     # Compare ranks first: comparing shapes of different ranks element-wise would compare a
     # batch size with a feature width, a shape guard torch.compile/torch.export would keep.
     same = value.dim() == like.dim() and value.shape == like.shape
-    if not same and value.dim() > 0 and not _broadcasts_to(value.shape, like.shape):
+    if not same and value.dim() > 0 and not broadcasts_to(value.shape, like.shape):
         raise BindingError(
             f"{statement}: a runtime value of shape {tuple(value.shape)} does not fit "
             f"{site}, of shape {tuple(like.shape)} in this call\n"
@@ -24,23 +25,6 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
             "vector at a (batch, seq, dim) site use shape (batch, 1, dim)"
         )
     return value if value.dtype == like.dtype else value.to(like.dtype)
-
-
-def _broadcasts_to(shape, target) -> bool:
-    """Whether `shape` broadcasts to exactly `target` by torch's rules.
-
-    Plain integer sizes are compared directly: `torch.broadcast_shapes` costs tens of
-    microseconds per call, a visible share of a small model's forward. Symbolic sizes (while
-    torch.compile or torch.export traces) go through `torch.broadcast_shapes`.
-    """
-    if len(shape) > len(target):
-        return False
-    if all(type(size) is int for size in (*shape, *target)):
-        return all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
-    try:
-        return torch.broadcast_shapes(shape, target) == target
-    except RuntimeError:
-        return False
 
 
 def call(function, *args) -> torch.Tensor:
