@@ -10,8 +10,9 @@ from torch import nn
 
 from tdhook_fx.capture import Capture, SiteTable, join_keys, key_name
 from tdhook_fx.errors import BindingError, TdhookFxError
-from tdhook_fx.ir import ResolvedProgram
+from tdhook_fx.ir import ResolvedProgram, has_runtime_values
 from tdhook_fx.passes import Rewritten
+from tdhook_fx.passes.grad import region_shape, site_shapes
 from tdhook_fx.runner import runner
 from tdhook_fx.syntax.ast import variables
 
@@ -48,7 +49,8 @@ class CompiledModule(nn.Module):
         self.example_inputs: tuple[torch.Tensor, ...] | None = None  # the example compiled on (save/export)
         self._bound: dict[str, str] = {}  # runtime name -> buffer name
         self._functions: dict[str, object] = {}  # runtime name -> bound Python function
-        self._site_shapes: dict[tuple, dict] = {}  # input shapes -> site shapes (save grad inputs)
+        self._grad_sites = {i.name: i for i in resolved.interventions if i.kind == "save_grad"}
+        self._delta_shapes: dict[tuple, list] = {}  # input shapes -> (site shape, delta shape or None) per saved grad
         self.train(training)
 
     # ---- what was compiled --------------------------------------------------------------------
@@ -287,26 +289,30 @@ class CompiledModule(nn.Module):
         return result
 
     def _grad_deltas(self, inputs, runtime) -> list[torch.Tensor]:
-        """One zero input per saved gradient: shaped like its site (0-dim without gradients)."""
+        """One zero input per saved gradient, shaped like its site (a 0-dim zero that needs no
+        gradient when gradients are off). Shapes are worked out once per input shapes, except
+        those a runtime index (`save grad h[:, $pos]`) decides."""
         if not self.grad_names:
             return []
-        from tdhook_fx.passes.grad import region_shape, site_shapes
-
-        sites = {i.name: i for i in self.resolved.interventions if i.kind == "save_grad"}
+        sites = [self._grad_sites[name] for name in self.grad_names]
         device = next((x.device for x in inputs if isinstance(x, torch.Tensor)), torch.device("cpu"))
         if not torch.is_grad_enabled():
-            return [torch.zeros((), dtype=sites[name].site.dtype, device=device) for name in self.grad_names]
+            return [torch.zeros((), dtype=i.site.dtype, device=device) for i in sites]
         key = tuple(tuple(x.shape) for x in inputs)
-        if key not in self._site_shapes:
-            self._site_shapes[key] = site_shapes(self.capture.graph_module, tuple(inputs))
-        shapes = self._site_shapes[key]
+        if key not in self._delta_shapes:
+            shapes = site_shapes(self.capture.graph_module, tuple(inputs))
+            self._delta_shapes[key] = [
+                (shapes[i.site.name], None if has_runtime_values(i.index) else region_shape(shapes[i.site.name], i.index, {}))
+                for i in sites
+            ]
         values = dict(zip(self.runtime_names, runtime))
-        deltas = []
-        for name in self.grad_names:
-            intervention = sites[name]
-            shape = region_shape(shapes[intervention.site.name], intervention.index, values)
-            deltas.append(torch.zeros(shape, dtype=intervention.site.dtype, device=device, requires_grad=True))
-        return deltas
+        return [
+            torch.zeros(
+                shape if shape is not None else region_shape(site_shape, i.index, values),
+                dtype=i.site.dtype, device=device, requires_grad=True,
+            )
+            for i, (site_shape, shape) in zip(sites, self._delta_shapes[key])
+        ]
 
 
 def _get(td: TensorDictBase, key, what: str) -> torch.Tensor:

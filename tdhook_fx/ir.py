@@ -15,6 +15,16 @@ from tdhook_fx.syntax import ast
 IndexItem = int | slice | type(Ellipsis) | ast.Var
 
 
+def has_runtime_values(index: tuple[IndexItem, ...] | None) -> bool:
+    """Whether a runtime value (`[:, $pos]`, `[$a:$b]`) is part of `index`: only a call knows
+    the shape it selects."""
+    for item in index or ():
+        bounds = (item.start, item.stop, item.step) if isinstance(item, slice) else (item,)
+        if any(isinstance(b, ast.Var) for b in bounds):
+            return True
+    return False
+
+
 @dataclass(frozen=True)
 class Intervention:
     """One statement applied at one site (a selector gives one per matched site)."""

@@ -18,7 +18,7 @@ from torch import nn
 
 from tdhook_fx.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.errors import Diagnostic, ResolutionError
-from tdhook_fx.ir import Intervention, ResolvedProgram
+from tdhook_fx.ir import Intervention, ResolvedProgram, has_runtime_values
 from tdhook_fx.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.syntax import ast
 
@@ -517,7 +517,7 @@ def _region_shape(site: SiteInfo, index) -> tuple | None:
     """The shape of site[index] on the example (None if a runtime value decides it)."""
     if index is None:
         return site.shape
-    if any(isinstance(i, ast.Var) or (isinstance(i, slice) and any(isinstance(b, ast.Var) for b in (i.start, i.stop, i.step))) for i in index):
+    if has_runtime_values(index):
         return None
     return tuple(indexed_shape(site.shape, index))
 
