@@ -107,6 +107,11 @@ def _check_subset(given, available, what: str) -> None:
             raise ValueError(f"Key {key} not in module.{what}")
 
 
+def never_called(key: str, consequence: str) -> TdhookFxError:
+    """The error for a module the method names but the model does not call on these inputs."""
+    return TdhookFxError(f"{key} is never called when the model runs on these inputs, so {consequence}")
+
+
 def require(td: TensorDictBase, key, purpose: str, hint: str = "") -> Any:
     """`td[key]`, or a `MissingInputKey` that names the key, why it is needed, and the fix."""
     value = td.get(key, None)

@@ -31,6 +31,7 @@ from tdhook_fx.programs import (
     calls,
     dsl_site,
     execute,
+    never_called,
     ports,
     sites_for,
 )
@@ -157,8 +158,6 @@ class ActivationPatching(HookingContextFactory):
 def _calls(table, ref) -> int:
     count = calls(table, ref.name)
     if not count:
-        raise TdhookFxError(
-            f"{ref.key} is never called when the model runs on these inputs, so it cannot be patched"
-        )
+        raise never_called(ref.key, "it cannot be patched")
     return count
 

@@ -28,6 +28,7 @@ from tdhook_fx.programs import (
     calls,
     dsl_site,
     execute,
+    never_called,
     sites_for,
 )
 from tdhook_fx.syntax import ast
@@ -94,7 +95,7 @@ class ActivationAddition(HookingContextFactory):
                     builder, table, ref.key, ref.name, ref.module, "fwd", self._cache_callback, key=ref.key
                 )
                 if read is None:
-                    raise _never_called(ref.key)
+                    raise never_called(ref.key, "it has no activation to contrast")
                 reads.append(read)
             last = max(reads, key=lambda r: r.order)
             builder.add(ast.Stop(dsl_site(table, next(s for s in last.sites if s.order == last.order))))
@@ -110,11 +111,3 @@ class ActivationAddition(HookingContextFactory):
             {self._steer_key: TensorDict(vectors, batch_size=[])}, batch_size=[], device=td.device
         )
 
-
-
-def _never_called(path: str):
-    from tdhook_fx.errors import TdhookFxError
-
-    return TdhookFxError(
-        f"{path} is never called when the model runs on these inputs, so it has no activation to contrast"
-    )
