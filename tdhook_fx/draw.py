@@ -26,7 +26,7 @@ from torch import fx
 from tdhook_fx.capture import key_name
 from tdhook_fx.errors import ExportError
 from tdhook_fx.graphs import natural_order, readable
-from tdhook_fx.passes import INSERTED
+from tdhook_fx.passes import INSERTED, SITE
 
 MAX_BOXES = 40
 FORMATS = (".svg", ".html", ".dot")
@@ -51,13 +51,8 @@ def inserted_nodes(cm) -> set[str]:
 
 
 def site_node_names(cm) -> dict[str, str]:
-    """Node name a model value takes after its site (`transformer_h_2_mlp`) -> the site's module."""
-    names = {}
-    for site in cm.sites:
-        if site.is_activation:
-            name = readable(site.name)
-            names[f"_{name}" if name[:1].isdigit() else name] = site.module
-    return names
+    """Name of a node that holds a site's value (`transformer_h_2_mlp`) -> the site's module."""
+    return {n.name: cm.sites[n.meta[SITE]].module for n in cm.graph.nodes if SITE in n.meta}
 
 
 # ---- the graph as networkx ------------------------------------------------------------------------

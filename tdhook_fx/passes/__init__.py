@@ -79,6 +79,7 @@ def _finish(ctx: RewriteContext) -> Rewritten:
 
 
 INSERTED = "tdhook_fx"  # node.meta key: "inserted" (by a pass), "source" (a patch source run), "changed"
+SITE = "tdhook_fx_site"  # node.meta key: the site whose name a model value took when its tap went
 
 
 def _tag_inserted(graph: fx.Graph, ctx: RewriteContext) -> None:
@@ -101,4 +102,5 @@ def _remove_taps(graph: fx.Graph, original: set[fx.Node]) -> None:
         renamable = value in original and value.op in ("call_function", "call_method", "call_module")
         if renamable and (is_output or value not in named):
             value._rename(readable(site))
+            value.meta[SITE] = site
             named.add(value)
