@@ -25,6 +25,21 @@ def has_runtime_values(index: tuple[IndexItem, ...] | None) -> bool:
     return False
 
 
+def substitute(index: tuple[IndexItem, ...] | None, lookup) -> tuple | None:
+    """`index` with each runtime value `$name` (alone or as a slice bound) replaced by `lookup(name)`."""
+    if index is None:
+        return None
+
+    def item(i):
+        if isinstance(i, ast.Var):
+            return lookup(i.name)
+        if isinstance(i, slice):
+            return slice(*(lookup(b.name) if isinstance(b, ast.Var) else b for b in (i.start, i.stop, i.step)))
+        return i
+
+    return tuple(item(i) for i in index)
+
+
 @dataclass(frozen=True)
 class Intervention:
     """One statement applied at one site (a selector gives one per matched site)."""

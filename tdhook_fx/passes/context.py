@@ -11,7 +11,7 @@ from torch import fx
 from tdhook_fx.capture import Capture
 from tdhook_fx.capture.taps import is_tap
 from tdhook_fx.graphs import readable
-from tdhook_fx.ir import Intervention, ResolvedProgram
+from tdhook_fx.ir import Intervention, ResolvedProgram, substitute
 from tdhook_fx.passes import ops
 from tdhook_fx.syntax import ast
 
@@ -131,17 +131,7 @@ class RewriteContext:
 
     def index(self, index) -> tuple | None:
         """A resolved tensor index with runtime values replaced by their input nodes."""
-        if index is None:
-            return None
-
-        def item(i):
-            if isinstance(i, ast.Var):
-                return self.runtime[i.name]
-            if isinstance(i, slice):
-                return slice(*(self.runtime[b.name] if isinstance(b, ast.Var) else b for b in (i.start, i.stop, i.step)))
-            return i
-
-        return tuple(item(i) for i in index)
+        return substitute(index, self.runtime.__getitem__)
 
 
 def _has_runtime_value(expr) -> bool:

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from tdhook_fx.errors import BindingError
 from tdhook_fx.graphs import readable
-from tdhook_fx.ir import Intervention
+from tdhook_fx.ir import Intervention, substitute
 from tdhook_fx.passes import ops
 from tdhook_fx.passes.context import RewriteContext
 from tdhook_fx.shapes import indexed_shape
@@ -161,7 +161,7 @@ def compile_rule(expr, index, names: list[str], statement: str, site: str):
 
     def rule(grad: torch.Tensor, *operands) -> torch.Tensor:
         env = dict(zip(names, operands))
-        concrete = None if index is None else _concrete_index(index, env)
+        concrete = substitute(index, lambda name: env["$" + name])
         region = grad if concrete is None else ops.region(grad, concrete)  # a `$pos` stays a tensor
         new = evaluate(region, env)
         if isinstance(new, torch.Tensor):
@@ -222,17 +222,6 @@ def _operand_names(expr, index) -> list[str]:
     return list(found)
 
 
-def _concrete_index(index: tuple, env: dict) -> tuple:
-    def item(i):
-        if isinstance(i, ast.Var):
-            return env["$" + i.name]
-        if isinstance(i, slice):
-            return slice(*(env["$" + b.name] if isinstance(b, ast.Var) else b for b in (i.start, i.stop, i.step)))
-        return i
-
-    return tuple(item(i) for i in index)
-
-
 
 # ---- at call time: the shapes of the deltas ---------------------------------------------------
 
@@ -261,7 +250,7 @@ def region_shape(shape: torch.Size, index, runtime: dict) -> torch.Size:
     """The shape of `value[index]` for a site of `shape` (runtime values in `index` filled in)."""
     if index is None:
         return torch.Size(shape)
-    concrete = _concrete_index(index, {"$" + k: v for k, v in runtime.items()})
+    concrete = substitute(index, runtime.__getitem__)
     try:
         return indexed_shape(shape, concrete)
     except (IndexError, RuntimeError) as error:
