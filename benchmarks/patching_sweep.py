@@ -3,7 +3,7 @@ position (32), each patched from a source run, one metric per (block, position).
 
 Candidates (each computes the same 4 x 32 x batch metric; all are checked to agree before
 timing; times are against 128 plain forwards measured in the same rounds):
-- tdhook_fx.sweep: the source and the target run once up to each block, then per block only
+- tdhook_fx.perf.sweep: the source and the target run once up to each block, then per block only
   the rest of the model, 32 positions batched (`torch.func.vmap`);
 - tdhook_fx, one compiled program per block (`patch transformer.h[L][:, $pos]`, the position
   a runtime value), called 128 times: each call is one fused graph;
@@ -39,7 +39,7 @@ def run(config: Config) -> list[Section]:
     )
     candidates = {
         f"{runs} plain forwards": _plain(workload, runs),
-        "tdhook_fx.sweep": _sweep(workload),
+        "tdhook_fx.perf.sweep": _sweep(workload),
         "tdhook_fx, one fused patch program per block ($pos), 128 calls": _fused_calls(workload),
         "raw torch hooks (1 source + 128 patched forwards)": _raw_hooks(workload),
     }
@@ -61,7 +61,7 @@ def run(config: Config) -> list[Section]:
             want = result
         if not torch.allclose(result, want, rtol=1e-3, atol=1e-4):
             section.add(method=name, **{f"time / {runs} plain forwards": "wrong"})
-            log(f"  {name}: differs from tdhook_fx.sweep by {(result - want).abs().max():.3g}")
+            log(f"  {name}: differs from tdhook_fx.perf.sweep by {(result - want).abs().max():.3g}")
             continue
         checked[name] = fn
     log("sweep: timing")
@@ -87,7 +87,7 @@ def _plain(workload, runs: int):
 
 def _sweep(workload):
     def run():
-        result = tdhook_fx.sweep(
+        result = tdhook_fx.perf.sweep(
             workload.model, "transformer.h[*]", workload.td, positions=range(POSITIONS),
             metric=lambda out: metric(out["logits"]), in_keys=workload.in_keys, out_keys=workload.out_keys,
             progress=False,

@@ -1,5 +1,5 @@
-"""`python -m tdhook_fx ...`: the command line (see tdhook_fx.cli)."""
+"""`python -m tdhook_fx ...`: the command line (see tdhook_fx.shipping.cli)."""
 
-from tdhook_fx.cli import main
+from tdhook_fx.shipping.cli import main
 
 raise SystemExit(main())

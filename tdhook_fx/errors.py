@@ -53,7 +53,11 @@ class Diagnostic:
 
 
 class TdhookFxError(Exception):
-    """Base of every error tdhook_fx raises for a user's mistake."""
+    """Base of every error tdhook_fx raises for a user's mistake.
+
+    Where tdhook (or Python) raised a builtin error for the same mistake, the class also derives
+    from that builtin (`MissingInputKey` is a `KeyError`), so `except KeyError` code keeps working.
+    """
 
 
 class _ProgramError(TdhookFxError):
@@ -102,3 +106,38 @@ class BindingError(TdhookFxError):
 
 class ExportError(TdhookFxError):
     """A compiled module could not be saved, exported or loaded."""
+
+
+class UnknownModulePath(TdhookFxError, ValueError):
+    """A tdhook module path or key pattern names no module of the model."""
+
+
+class MissingInputKey(TdhookFxError, KeyError):
+    """The input TensorDict lacks a key that a method or module reads."""
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class MethodUsageError(TdhookFxError, RuntimeError):
+    """A method was used in a way it does not support (outside its context, twice, ...)."""
+
+
+class InvalidArgument(TdhookFxError, ValueError):
+    """A value given to tdhook_fx (an argument, a callback's result, data) does not fit."""
+
+
+class InvalidArgumentType(TdhookFxError, TypeError):
+    """A value given to tdhook_fx has the wrong type."""
+
+
+class PatchShapeError(InvalidArgument):
+    """A `patch_fn` returned a tensor whose shape differs from the activation it replaces."""
+
+
+class ProbingError(InvalidArgument):
+    """A probe was stepped without a valid `step_type`, or results would be overwritten."""
+
+
+class CommandLineError(TdhookFxError):
+    """A mistake on the command line (unknown model, missing file, bad --set)."""

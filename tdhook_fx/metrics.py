@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from tdhook_fx.capture import join_keys
+from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.errors import InvalidArgument, InvalidArgumentType, MissingInputKey
 
 
 class InfidelityMetric:
@@ -32,9 +33,9 @@ class InfidelityMetric:
 
     def __init__(self, n_perturb_samples: int = 10, *, attribution_key="attr", output_key=("_mod_out", "output")):
         if not isinstance(n_perturb_samples, int) or isinstance(n_perturb_samples, bool):
-            raise TypeError("n_perturb_samples must be an int")
+            raise InvalidArgumentType("n_perturb_samples must be an int")
         if n_perturb_samples <= 0:
-            raise ValueError("n_perturb_samples must be positive")
+            raise InvalidArgument("n_perturb_samples must be positive")
         self.n_perturb_samples = n_perturb_samples
         self.attribution_key = attribution_key
         self.output_key = output_key
@@ -69,7 +70,7 @@ class SensitivityMetric:
 
     def __init__(self, perturb_radius: float = 0.02, *, attribution_key="attr"):
         if perturb_radius < 0:
-            raise ValueError("perturb_radius must be non-negative")
+            raise InvalidArgument("perturb_radius must be non-negative")
         self.perturb_radius = perturb_radius
         self.attribution_key = attribution_key
 
@@ -105,7 +106,7 @@ def _perturbed(data: TensorDictBase, keys, perturb) -> TensorDictBase:
     for key in keys:
         value = _tensor(copy, key, "model input")
         if not value.is_floating_point():
-            raise TypeError(f"Model input at key {key!r} must be floating point")
+            raise InvalidArgumentType(f"Model input at key {key!r} must be floating point")
         copy.set(key, perturb(value))
     return copy
 
@@ -125,7 +126,7 @@ def _tensor(data: TensorDictBase, key, role: str) -> torch.Tensor:
             if role == "model output"
             else ""
         )
-        raise KeyError(f"{role} tensor is missing at key {key!r}{hint}")
+        raise MissingInputKey(f"{role} tensor is missing at key {key!r}{hint}")
     return value
 
 

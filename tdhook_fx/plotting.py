@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from tdhook_fx.errors import InvalidArgument
 
 _SIGNS = ("all", "positive", "negative", "absolute")
 
@@ -34,7 +35,7 @@ def image_attribution(
     map centred on 0), "positive", "negative" or "absolute".
     """
     if sign not in _SIGNS:
-        raise ValueError(f"sign must be one of {_SIGNS}, not {sign!r}")
+        raise InvalidArgument(f"sign must be one of {_SIGNS}, not {sign!r}")
     heat = _to_2d(attribution, "attribution")
     if sign == "positive":
         heat = heat.clamp(min=0)
@@ -46,7 +47,7 @@ def image_attribution(
     if image is not None:
         picture = _to_image(image)
         if picture.shape[:2] != heat.shape:
-            raise ValueError(f"the image is {tuple(picture.shape[:2])} pixels but the attribution is {tuple(heat.shape)}")
+            raise InvalidArgument(f"the image is {tuple(picture.shape[:2])} pixels but the attribution is {tuple(heat.shape)}")
         ax.imshow(picture.numpy(), cmap="gray" if picture.dim() == 2 else None)
     limit = float(heat.abs().max()) or 1.0
     if sign == "all":
@@ -82,7 +83,7 @@ def token_attribution(
     if values.dim() == 2:
         values = values.sum(-1)
     if values.dim() != 1 or len(values) != len(tokens):
-        raise ValueError(f"need one score per token: {len(tokens)} tokens, scores of shape {tuple(values.shape)}")
+        raise InvalidArgument(f"need one score per token: {len(tokens)} tokens, scores of shape {tuple(values.shape)}")
     limit = float(values.abs().max()) or 1.0
     colour = colormaps[cmap]
     norm = Normalize(-limit, limit)
@@ -121,7 +122,7 @@ def _to_2d(attribution: torch.Tensor, what: str) -> torch.Tensor:
     if x.dim() == 3:
         x = x.sum(_channel_dim(x))
     if x.dim() != 2:
-        raise ValueError(f"the {what} must be (H, W), (C, H, W) or (H, W, C); got shape {tuple(x.shape)}")
+        raise InvalidArgument(f"the {what} must be (H, W), (C, H, W) or (H, W, C); got shape {tuple(x.shape)}")
     return x
 
 
@@ -132,7 +133,7 @@ def _to_image(image: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] == 1:
             x = x[..., 0]
     if x.dim() not in (2, 3):
-        raise ValueError(f"the image must be (H, W), (C, H, W) or (H, W, C); got shape {tuple(x.shape)}")
+        raise InvalidArgument(f"the image must be (H, W), (C, H, W) or (H, W, C); got shape {tuple(x.shape)}")
     low, high = x.min(), x.max()
     return (x - low) / (high - low) if high > low else torch.zeros_like(x)
 

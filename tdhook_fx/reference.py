@@ -30,8 +30,8 @@ import torch.nn.utils.prune as torch_prune
 from tensordict import TensorDictBase
 from torch import nn
 
-from tdhook_fx.capture.adapter import key_name, plan_call
-from tdhook_fx.resolve import DEFAULT_PATCH_SOURCE
+from tdhook_fx.compiler.capture.call_plan import key_name, plan_call
+from tdhook_fx.compiler.resolve import DEFAULT_PATCH_SOURCE
 from tdhook_fx.syntax import ast
 from tdhook_fx.syntax.parse import parse
 

@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from hypothesis import strategies as st
 
-from tdhook_fx.shapes import broadcasts_to, indexed_shape
+from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.syntax import ast
+from tdhook_fx.errors import MissingInputKey
 
 identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
 # Module names as they appear in models: identifiers, container indices, odd names.
@@ -302,7 +303,7 @@ def inputs_like(draw, example, in_keys=None) -> tuple[torch.Tensor, ...]:
         x = example.get(key, None)
         if x is None:
             keys = sorted(map(str, example.keys(include_nested=True, leaves_only=True)))
-            raise KeyError(f"inputs_like: the example has no input at key {key!r}; its keys: {keys}")
+            raise MissingInputKey(f"inputs_like: the example has no input at key {key!r}; its keys: {keys}")
         if x.is_floating_point():
             drawn.append(torch.randn(x.shape, generator=generator, dtype=x.dtype))
         else:
@@ -327,7 +328,7 @@ def assert_equivalent(
     """
     import tdhook_fx
     from tdhook_fx import reference
-    from tdhook_fx.compiled import GRAD_DELTA, SAVED
+    from tdhook_fx.compiler.compiled import GRAD_DELTA, SAVED
 
     compiled = tdhook_fx.compile(model, program, example=example, in_keys=in_keys, out_keys=out_keys)
     if values:
@@ -354,8 +355,8 @@ def assert_equivalent(
 
 def _compiled_gradients(model, compiled, inputs, deltas: dict, loss) -> dict:
     """The gradients `reference.run(..., backward=)` reports, computed through the compiled graph."""
-    from tdhook_fx.capture import key_name
-    from tdhook_fx.graphs import fetch_attr
+    from tdhook_fx.compiler.capture import key_name
+    from tdhook_fx.compiler.graphs import fetch_attr
 
     floats = [(key_name(k), x) for k, x in zip(compiled.in_keys, inputs) if x.is_floating_point()]
     aliases: dict[int, list[str]] = {}  # tied weights: the graph may hold them under any of their names

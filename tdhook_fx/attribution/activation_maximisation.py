@@ -12,7 +12,7 @@ import torch
 from tensordict import TensorDictBase
 
 from tdhook_fx.attribution.gradients import GradientAttribution
-from tdhook_fx.capture import join_keys
+from tdhook_fx.compiler.capture import join_keys
 
 
 class ActivationMaximisation(GradientAttribution):

@@ -16,9 +16,9 @@ from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
 import tdhook_fx
-from tdhook_fx.capture import key_name
-from tdhook_fx.compiled import GRAD_DELTA, SAVED
-from tdhook_fx.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
+from tdhook_fx.compiler.capture import key_name
+from tdhook_fx.compiler.compiled import GRAD_DELTA, SAVED
+from tdhook_fx.compiler.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 
 
 @dataclass(frozen=True)

@@ -25,9 +25,9 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tdhook_fx.attribution.context import MethodContext, ModelKeys, unwrap
-from tdhook_fx.capture import join_keys
+from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.programs import dsl_site
+from tdhook_fx.methods.programs import dsl_site
 from tdhook_fx.syntax.ast import variables
 
 INTERMEDIATE = ("_register_in", "_mod_in", "_mod_out", "_cache_in", "_cache_out")

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from tdhook_fx.attribution.gradients import GradientAttribution
-from tdhook_fx.programs import dsl_site
+from tdhook_fx.methods.programs import dsl_site
 
 
 class GuidedBackpropagation(GradientAttribution):

@@ -11,7 +11,7 @@ import torch
 
 from tdhook_fx.attribution.gradients import GradientAttribution, _flatten
 from tdhook_fx.attribution.quadrature import quadrature
-from tdhook_fx.capture import join_keys
+from tdhook_fx.compiler.capture import join_keys
 
 
 class IntegratedGradients(GradientAttribution):

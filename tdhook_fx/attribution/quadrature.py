@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tdhook_fx.errors import InvalidArgument, InvalidArgumentType
 
 RIEMANN_METHODS = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid")
 METHODS = RIEMANN_METHODS + ("gausslegendre",)
@@ -17,15 +18,15 @@ def quadrature(method: str, n_steps: int) -> tuple[list[float], list[float]]:
     """(alphas, step sizes) of `method` with `n_steps` points: the integral of g over [0, 1]
     is approximated by sum(step * g(alpha))."""
     if method not in METHODS:
-        raise ValueError(
+        raise InvalidArgument(
             f"Invalid integral approximation method name: {method}\n"
             f"  hint: use one of {', '.join(METHODS)}"
         )
     minimum = 1 if method == "gausslegendre" else 2
     if isinstance(n_steps, bool) or not isinstance(n_steps, int):
-        raise TypeError(f"n_steps must be an integer for {method}; got {type(n_steps).__name__}")
+        raise InvalidArgumentType(f"n_steps must be an integer for {method}; got {type(n_steps).__name__}")
     if n_steps < minimum:
-        raise ValueError(f"n_steps must be at least {minimum} for {method}; got {n_steps}")
+        raise InvalidArgument(f"n_steps must be at least {minimum} for {method}; got {n_steps}")
     n = n_steps
     if method == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(n)

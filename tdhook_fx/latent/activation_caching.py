@@ -14,9 +14,9 @@ from collections.abc import Callable
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
-from tdhook_fx.contexts import HookingContextFactory, HookingContextWithCache
-from tdhook_fx.paths import match_modules, no_match_error
-from tdhook_fx.programs import FORWARD_PORT, MethodUsageError, add_read, calls
+from tdhook_fx.methods.context import HookingContextFactory, HookingContextWithCache
+from tdhook_fx.methods.paths import match_modules, no_match_error
+from tdhook_fx.methods.programs import FORWARD_PORT, MethodUsageError, add_read, calls
 
 
 def _key_path(key: NestedKey) -> tuple:

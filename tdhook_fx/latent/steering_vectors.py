@@ -18,10 +18,10 @@ from collections.abc import Callable
 from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
-from tdhook_fx.capture import join_keys
-from tdhook_fx.contexts import HookingContextFactory
-from tdhook_fx.paths import refer
-from tdhook_fx.programs import (
+from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.methods.context import HookingContextFactory
+from tdhook_fx.methods.paths import refer
+from tdhook_fx.methods.programs import (
     ProgramBuilder,
     add_read,
     add_replace,

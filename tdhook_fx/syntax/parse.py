@@ -58,7 +58,7 @@ RULE_TO_AST: dict[str, type] = {
 def lark_parser() -> Lark:
     return Lark(
         grammar_text(),
-        start="program",
+        start=["program", "site"],
         parser="lalr",
         lexer="contextual",
         propagate_positions=True,
@@ -71,9 +71,24 @@ def parse(text: str, *, source: str = "program") -> ast.Program:
 
     `source` names the text in error messages (`program:LINE:COL: ...`).
     """
+    return _parse(text, "program", source)
+
+
+def parse_site(text: str, *, source: str = "site") -> ast.Site:
+    """Parse one DSL site (`transformer.h[0].mlp`, `h.0.attn:out.0`, `act@1`) into an `ast.Site`.
+
+    The method layer names sites given by users this way, as data: nothing else (no statement,
+    no second line) can come with the text.
+    """
+    return _parse(text, "site", source)
+
+
+def _parse(text: str, start: str, source: str):
     try:
-        tree = lark_parser().parse(text)
+        tree = lark_parser().parse(text, start=start)
     except UnexpectedInput as error:
+        if start == "site":  # the program-level words ("unknown statement") do not fit a lone site
+            raise _not_a_site(error, text, source) from None
         raise _translate(error, text, source) from None
     try:
         return _ToAst().transform(tree)
@@ -109,6 +124,15 @@ def _translate(error: UnexpectedInput, text: str, source: str) -> DslSyntaxError
     span = Span(start_line, start_column, start_line, end_column)
     diagnostic = Diagnostic(span, described.message, tuple(described.hints), described.expected)
     return DslSyntaxError(diagnostic, text, source)
+
+
+def _not_a_site(error: UnexpectedInput, text: str, source: str) -> DslSyntaxError:
+    token = getattr(error, "token", None)
+    at_end = token is not None and token.type == "$END"
+    line, column = _position(text, len(text)) if at_end else (error.line, error.column)
+    message = f"{text!r} is not a site: " + ("it ends too early" if at_end else "unexpected text here")
+    expected = "a module path (a.b[0].c, a.*, /regex/), then optionally @CALL, :out.N or :in.NAME, and [INDEX]"
+    return DslSyntaxError(Diagnostic(Span(line, column, line, column + 1), message, expected=expected), text, source)
 
 
 def _position(text: str, offset: int) -> tuple[int, int]:

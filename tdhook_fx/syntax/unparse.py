@@ -6,6 +6,7 @@ import re
 from functools import singledispatch
 
 from tdhook_fx.syntax import ast
+from tdhook_fx.errors import InvalidArgumentType
 
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 # Keywords the lexer prefers over a name where a path starts (`save grad ...`).
@@ -15,7 +16,7 @@ _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 @singledispatch
 def unparse(node) -> str:
-    raise TypeError(f"not an AST node: {node!r}")
+    raise InvalidArgumentType(f"not an AST node: {node!r}")
 
 
 @unparse.register

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from tensordict import TensorDictBase
 from torch import nn
 
-from tdhook_fx.contexts import HookingContextFactory, HookingContextWithCache
+from tdhook_fx.methods.context import HookingContextFactory, HookingContextWithCache
 from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.modules import HookedModule, accepted_kwargs
-from tdhook_fx.paths import refer
-from tdhook_fx.programs import MethodUsageError, add_replace, calls, dsl_site, ports
+from tdhook_fx.methods.hooked import HookedModule, accepted_kwargs
+from tdhook_fx.methods.paths import refer
+from tdhook_fx.methods.programs import MethodUsageError, add_replace, calls, dsl_site, ports
 from tdhook_fx.syntax import ast
 
 

@@ -18,9 +18,9 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from tdhook_fx.contexts import HookingContextFactory
-from tdhook_fx.paths import dsl_path, module_names, resolve_submodule
-from tdhook_fx.programs import calls
+from tdhook_fx.methods.context import HookingContextFactory
+from tdhook_fx.methods.paths import dsl_path, module_names, resolve_submodule
+from tdhook_fx.methods.programs import calls
 from tdhook_fx.syntax import ast
 
 

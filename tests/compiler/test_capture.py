@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import tdhook_fx
-from tdhook_fx.capture import capture
+from tdhook_fx.compiler.capture import capture
 
 EXPECTED_FRONTEND = {"mlp": "fx", "cnn": "fx", "tiny_transformer": "export", "gpt2": "export", "bert": "export", "llama": "export"}
 
@@ -38,7 +38,7 @@ def test_capture_is_cached_per_signature(samples):
 
 def test_a_cached_capture_and_site_table_run_nothing(samples, monkeypatch):
     """The per-call path of the method layer: a cache hit neither runs the model nor copies its buffers."""
-    from tdhook_fx import capture as capture_module
+    from tdhook_fx.compiler import capture as capture_module
 
     sample = samples("cnn")
     inputs = (sample.example["input"],)

@@ -133,7 +133,7 @@ def test_program_and_repr(mlp):
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
 def test_runs_without_attribute_chains_and_follows_dtype_changes(frontend):
-    """The eager call runs a copy of the graph with attribute paths resolved (tdhook_fx.runner);
+    """The eager call runs a copy of the graph with attribute paths resolved (tdhook_fx.compiler.runner);
     `.double()` replaces buffers (batch norm statistics), so the copy must be made again."""
     import copy
 

@@ -158,8 +158,8 @@ def test_printed_code_names_the_gradient_nodes(mlp):
     compiled = tdhook_fx.compile(mlp.model, "save grad 2 as g\nset grad 0 = value * $s", example=mlp.example)
     code = compiled.code
     assert "def forward(self, input, s, grad_g):" in code
-    assert "receive_grad_g = tdhook_fx_passes_ops_receive_grad(" in code
-    assert "grad_set_0 = tdhook_fx_passes_ops_override_grad(" in code and "self.set_grad_0" in code
+    assert "receive_grad_g = tdhook_fx_compiler_passes_ops_receive_grad(" in code
+    assert "grad_set_0 = tdhook_fx_compiler_passes_ops_override_grad(" in code and "self.set_grad_0" in code
 
 
 def test_gradient_inputs_come_after_every_other_input(mlp):

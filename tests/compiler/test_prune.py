@@ -6,7 +6,7 @@ from tensordict import TensorDict
 from torch import nn
 
 import tdhook_fx
-from tdhook_fx.passes.masks import magnitude_mask, random_mask
+from tdhook_fx.compiler.passes.masks import magnitude_mask, random_mask
 from tdhook_fx.testing import assert_equivalent
 
 

@@ -36,7 +36,7 @@ def test_golden_code(case, samples):
 def test_inserted_nodes_explain_themselves(samples):
     code = compile_case(samples, *CASES["gpt2_steer"]).code
     assert "steer_transformer_h_1_mlp = " in code
-    assert "fit_transformer_h_1_mlp = tdhook_fx_passes_ops_fit(mul, transformer_h_1_mlp" in code
+    assert "fit_transformer_h_1_mlp = tdhook_fx_compiler_passes_ops_fit(mul, transformer_h_1_mlp" in code
     assert "tap" not in code  # the capture's markers are gone
 
 

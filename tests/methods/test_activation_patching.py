@@ -9,7 +9,7 @@ from torch import nn
 
 from tdhook_fx import latent
 from tdhook_fx.latent.activation_patching import PatchShapeError
-from tdhook_fx.programs import MissingInputKey
+from tdhook_fx.methods.programs import MissingInputKey
 from tdhook_fx.zoo import Sample
 from tests.methods.helpers import assert_same_tensordict, run_both, with_group
 

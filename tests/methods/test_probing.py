@@ -12,7 +12,7 @@ from torch import nn
 
 from tdhook_fx.latent import probing
 from tdhook_fx.latent.probing import ProbingError
-from tdhook_fx.programs import MissingInputKey
+from tdhook_fx.methods.programs import MissingInputKey
 
 
 def accuracy(predictions, labels):

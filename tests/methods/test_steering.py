@@ -7,8 +7,8 @@ import torch
 from tdhook import latent as tdhook_latent
 
 from tdhook_fx import latent
-from tdhook_fx.paths import UnknownModulePath
-from tdhook_fx.programs import MissingInputKey
+from tdhook_fx.methods.paths import UnknownModulePath
+from tdhook_fx.methods.programs import MissingInputKey
 from tests.methods.helpers import assert_same_tensordict, run_both, with_group
 
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tdhook_fx
-from tdhook_fx.capture import capture
+from tdhook_fx.compiler.capture import capture
 from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.passes.split import cut
+from tdhook_fx.perf.split import cut
 
 CASES = {
     "mlp": ["0", "2", "4"],

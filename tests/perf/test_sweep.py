@@ -1,4 +1,4 @@
-"""tdhook_fx.sweep: every (site, position) entry equals that one patch run with the hook reference."""
+"""tdhook_fx.perf.sweep: every (site, position) entry equals that one patch run with the hook reference."""
 
 import pytest
 import torch
@@ -6,7 +6,7 @@ from tensordict import TensorDict
 
 from tdhook_fx import reference
 from tdhook_fx.errors import BindingError, ResolutionError, TdhookFxError
-from tdhook_fx.sweep import sweep
+from tdhook_fx.perf.sweep import sweep
 from tests import zoo
 
 CASES = {  # model: (swept sites, positions)
@@ -121,7 +121,7 @@ def test_errors_name_the_problem_and_the_fix(samples):
         sweep(sample.model, "0", td, positions=[16])
     with pytest.raises(TdhookFxError, match="has no dimension 2"):
         sweep(sample.model, "0", td, dim=2)
-    with pytest.raises(TdhookFxError, match="carry a tensor index"):
+    with pytest.raises(TdhookFxError, match="names part of a tensor"):
         sweep(sample.model, "0[:, 1]", td)
     with pytest.raises(ResolutionError, match="unknown module path"):
         sweep(sample.model, "nope", td)

@@ -38,5 +38,5 @@ PROGRAMS = {
 def call_inputs(cm, sample):
     """A TensorDict-free call: the example's tensors, plus patch sources when the program patches."""
     inputs = tuple(sample.example[key] for key in sample.in_keys)
-    sources = {"patched": zoo.source_inputs(sample)} if cm._rewritten.source_inputs else {}
+    sources = {"patched": zoo.source_inputs(sample)} if cm.patch_inputs else {}
     return inputs, sources

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import tdhook_fx
-from tdhook_fx import cli
+from tdhook_fx.shipping import cli
 
 GOLDEN = Path(__file__).parent / "golden_cli"
 CASES = sorted(GOLDEN.glob("*.dsl"))

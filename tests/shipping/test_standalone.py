@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tdhook_fx
-from tdhook_fx import standalone
+from tdhook_fx.shipping import export as standalone
 from tdhook_fx import zoo as builtin_zoo
 from tests.shipping.payloads import pickled, run_in_subprocess
 

@@ -1,6 +1,7 @@
 """A small estimator for probing (tdhook's MeanDifferenceClassifier); scikit-learn ones work too."""
 
 from __future__ import annotations
+from tdhook_fx.errors import InvalidArgument
 
 import numpy as np
 
@@ -16,23 +17,23 @@ class MeanDifferenceClassifier:
     @property
     def coef_(self):
         if self._coef is None:
-            raise ValueError("Model not fitted")
+            raise InvalidArgument("Model not fitted")
         return self._coef
 
     @property
     def intercept_(self):
         if self._intercept is None:
-            raise ValueError("Model not fitted")
+            raise InvalidArgument("Model not fitted")
         return self._intercept
 
     def fit(self, X, y):
         X, y = np.asarray(X), np.asarray(y)
         if y.ndim > 1:
-            raise ValueError("Multiclass classification not supported")
+            raise InvalidArgument("Multiclass classification not supported")
         y = np.expand_dims(y, 1)
         pos_count, neg_count = y.sum(), (1 - y).sum()
         if pos_count == 0 or neg_count == 0:
-            raise ValueError("Both classes must be present in y")
+            raise InvalidArgument("Both classes must be present in y")
         pos = (X * y).sum(axis=0) / pos_count
         neg = (X * (1 - y)).sum(axis=0) / neg_count
         coef = pos - neg

@@ -16,11 +16,7 @@ from typing import Any
 
 from tensordict import TensorDict
 
-from tdhook_fx.errors import TdhookFxError
-
-
-class ProbingError(TdhookFxError, ValueError):
-    """A probe was stepped without a valid `step_type`, or results would be overwritten."""
+from tdhook_fx.errors import InvalidArgumentType, ProbingError
 
 
 def _check_step_type(step_type) -> None:
@@ -188,7 +184,7 @@ class ProbeManager:
             )
         metrics = self._compute_metrics(predictions, labels)
         if not isinstance(metrics, dict):
-            raise TypeError("compute_metrics must return a dict")
+            raise InvalidArgumentType("compute_metrics must return a dict")
         result = TensorDict.from_dict(metrics, batch_size=[])
         self._results.set((phase, key), result)
         self._metrics[phase][key] = metrics

@@ -1,0 +1,173 @@
+"""How a TensorDict's `in_keys` call the model, and which outputs become `out_keys`.
+
+`ModelCall` wraps the user's model into the module that a front end captures: it takes the
+input tensors positionally (one graph input per in_key), calls the model as tdhook does, and
+returns exactly the tensors of the out_keys as a flat tuple, so the captured graph needs no
+output classes (Hugging Face `ModelOutput`) and drops outputs nobody asked for.
+"""
+
+from __future__ import annotations
+
+import inspect
+import keyword
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tensordict import TensorDictBase
+from torch import nn
+
+from tdhook_fx.errors import BindingError, CaptureError
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """A model call, worked out once from the example."""
+
+    in_keys: tuple
+    out_keys: tuple
+    keywords: tuple[str | None, ...]  # per in_key: the keyword it is passed as, or None
+    picks: tuple[int | str | None, ...]  # per out_key: a sequence index, a mapping key, or None
+    extra_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        """Python identifiers for the graph inputs, one per in_key."""
+        return _identifiers(self.in_keys)
+
+    def call(self, model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple:
+        args = [x for x, kw in zip(inputs, self.keywords) if kw is None]
+        kwargs = {kw: x for x, kw in zip(inputs, self.keywords) if kw is not None}
+        output = model(*args, **kwargs, **self.extra_kwargs)
+        return tuple(output if pick is None else output[pick] for pick in self.picks)
+
+
+def key_name(key) -> str:
+    return ".".join(key) if isinstance(key, tuple) else str(key)
+
+
+def join_keys(prefix, key) -> tuple:
+    """("patched", "input") from "patched" and "input"; nested keys are flattened (tdhook's join_keys)."""
+    prefix = prefix if isinstance(prefix, tuple) else (prefix,)
+    key = key if isinstance(key, tuple) else (key,)
+    return (*prefix, *key)
+
+
+def plan_call(model: nn.Module, in_keys, out_keys, inputs: Sequence[torch.Tensor]) -> tuple[CallPlan, tuple]:
+    """Decide how to call `model` and pick its outputs; returns the plan and eager outputs."""
+    parameters = _forward_parameters(model)
+    by_name = all(isinstance(k, str) and k in parameters for k in in_keys)
+    keywords = tuple(k if by_name else None for k in in_keys)
+    extra = {"use_cache": False} if "use_cache" in parameters else {}
+    with torch.no_grad():
+        try:
+            output = CallPlan(tuple(in_keys), tuple(out_keys), keywords, (None,), extra).call(model, inputs)[0]
+        except Exception as error:  # the user's model failed on the user's example
+            raise CaptureError(
+                f"the model failed on the example inputs {list(map(key_name, in_keys))}: "
+                f"{type(error).__name__}: {error}\n"
+                "  hint: check in_keys (they are passed to forward "
+                f"{'by name' if by_name else 'in order'}) and the example's shapes"
+            ) from error
+    picks = _picks(output, out_keys)
+    plan = CallPlan(tuple(in_keys), tuple(out_keys), keywords, picks, extra)
+    eager = tuple(output if pick is None else output[pick] for pick in picks)
+    return plan, eager
+
+
+def _forward_parameters(model: nn.Module) -> dict:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _picks(output, out_keys) -> tuple:
+    names = [key_name(k) for k in out_keys]
+    if isinstance(output, torch.Tensor):
+        if len(out_keys) != 1:
+            raise CaptureError(
+                f"the model returns one tensor but out_keys names {len(out_keys)}: {names}\n"
+                "  hint: pass a single out_key, e.g. out_keys=['output']"
+            )
+        return (None,)
+    if isinstance(output, Mapping):
+        available = [k for k, v in output.items() if isinstance(v, torch.Tensor)]
+        picks = []
+        for key in out_keys:
+            last = key[-1] if isinstance(key, tuple) else key
+            if last not in available:
+                raise CaptureError(
+                    f"the model's output has no tensor '{last}'; its tensors are {available}\n"
+                    f"  hint: out_keys=[{', '.join(repr(a) for a in available[:2])}]"
+                )
+            picks.append(last)
+        return tuple(picks)
+    if isinstance(output, (tuple, list)):
+        if len(out_keys) > len(output):
+            raise CaptureError(
+                f"the model returns {len(output)} values but out_keys names {len(out_keys)}: {names}"
+            )
+        for i, key in enumerate(out_keys):
+            if not isinstance(output[i], torch.Tensor):
+                raise CaptureError(
+                    f"out_key {key_name(key)!r} would be the model's output {i}, "
+                    f"which is a {type(output[i]).__name__}, not a tensor"
+                )
+        return tuple(range(len(out_keys)))
+    raise CaptureError(f"the model returns a {type(output).__name__}; tdhook_fx needs tensors, tuples or dicts")
+
+
+def _identifiers(keys) -> tuple[str, ...]:
+    names: list[str] = []
+    for key in keys:
+        name = re.sub(r"\W", "_", key_name(key).replace(".", "_")) or "input"
+        if name[0].isdigit() or keyword.iskeyword(name):
+            name = f"_{name}"
+        while name in names:
+            name += "_"
+        names.append(name)
+    return tuple(names)
+
+
+class ModelCall(nn.Module):
+    """The module a front end captures: named tensor inputs in, a flat tuple of outputs out."""
+
+    def __init__(self, model: nn.Module, plan: CallPlan, on_enter=None):
+        super().__init__()
+        self.model = model
+        self.plan = plan
+        self._on_enter = on_enter
+
+    def run(self, inputs: tuple) -> tuple:
+        if self._on_enter is not None:
+            self._on_enter()
+        return self.plan.call(self.model, inputs)
+
+
+def model_call(model: nn.Module, plan: CallPlan, on_enter=None) -> ModelCall:
+    """A `ModelCall` whose `forward` has one named argument per in_key (fx names inputs so)."""
+    names = plan.arg_names
+    namespace: dict = {}
+    params = ", ".join(names)
+    exec(f"def forward(self, {params}):\n    return self.run(({params},))\n", namespace)  # noqa: S102
+    cls = type("ModelCall", (ModelCall,), {"forward": namespace["forward"]})
+    return cls(model, plan, on_enter)
+
+
+def example_inputs(example, in_keys) -> tuple[torch.Tensor, ...]:
+    """The model inputs in `example`: a TensorDict holding the in_keys, or the tensors in order."""
+    if isinstance(example, TensorDictBase):
+        missing = [key_name(k) for k in in_keys if example.get(k, None) is None]
+        if missing:
+            raise BindingError(
+                f"the example TensorDict has no {', '.join(map(repr, missing))}; "
+                f"its keys: {sorted(map(key_name, example.keys(include_nested=True, leaves_only=True)))}\n"
+                "  hint: pass in_keys=[...] naming the model's inputs (Hugging Face: in_keys=['input_ids'])"
+            )
+        return tuple(example.get(k) for k in in_keys)
+    inputs = tuple(example) if isinstance(example, (tuple, list)) else (example,)
+    if len(inputs) != len(in_keys) or not all(isinstance(x, torch.Tensor) for x in inputs):
+        raise BindingError(f"the example must be a TensorDict or {len(in_keys)} tensor(s), one per in_key")
+    return inputs

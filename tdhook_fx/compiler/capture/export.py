@@ -1,0 +1,45 @@
+"""Front end 2: `torch.export(strict=False)` with dynamic batch (and sequence) dimensions.
+
+Handles models fx cannot trace (all Hugging Face transformers). Module boundaries are tapped
+by temporary forward (pre-)hooks, removed as soon as the export is done.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+from torch.export import Dim
+
+from tdhook_fx.compiler.capture.call_plan import ModelCall
+from tdhook_fx.compiler.capture.taps import Tapper
+
+
+def dynamic_dims(x: torch.Tensor) -> dict[int, object]:
+    """Batch is dynamic; so is the sequence of integer inputs (token ids, masks)."""
+    dims = {0: Dim.AUTO} if x.dim() >= 1 else {}
+    if x.dim() >= 2 and not x.is_floating_point():
+        dims[1] = Dim.AUTO
+    return dims
+
+
+def widen(x: torch.Tensor) -> torch.Tensor:
+    """An example with every dynamic dimension at least 2 (export specializes sizes 0 and 1)."""
+    for dim in dynamic_dims(x):
+        if x.shape[dim] < 2:
+            x = torch.cat([x] * 2, dim=dim)
+    return x
+
+
+def export(call: ModelCall, tapper: Tapper, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """Export `call` on `inputs` with taps; returns a plain GraphModule (flat inputs/outputs)."""
+    with tapper.hooks():
+        program = torch.export.export(
+            call,
+            tuple(widen(x) for x in inputs),
+            dynamic_shapes=tuple(dynamic_dims(x) for x in inputs),
+            strict=False,
+        )
+    unlifted = program.module()
+    graph = unlifted.graph
+    graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat tuple out, no pytree specs
+    return fx.GraphModule(unlifted, graph)

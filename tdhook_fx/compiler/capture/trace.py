@@ -1,0 +1,39 @@
+"""Front end 1: `torch.fx` symbolic tracing.
+
+Fast and shape-agnostic, but only for models whose Python code does not branch on tensor
+values or shapes. Module boundaries are tapped by the tracer itself. Built-in torch.nn modules
+without children (Linear, Conv2d, BatchNorm2d, ReLU ...) stay whole, as `call_module` nodes
+(their forward checks shapes in Python); everything else is traced through.
+"""
+
+from __future__ import annotations
+
+from torch import fx, nn
+
+from tdhook_fx.compiler.capture.call_plan import ModelCall
+from tdhook_fx.compiler.capture.taps import Tapper
+
+
+def is_builtin_leaf(module: nn.Module) -> bool:
+    """A torch.nn module with no children that returns one tensor (RNNs return tuples)."""
+    builtin = type(module).__module__.startswith(("torch.nn.", "torch.ao.nn."))
+    return builtin and not any(True for _ in module.children()) and not isinstance(module, nn.RNNBase)
+
+
+class _TappingTracer(fx.Tracer):
+    def __init__(self, tapper: Tapper):
+        super().__init__()
+        self.tapper = tapper
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return is_builtin_leaf(m)
+
+    def call_module(self, m, forward, args, kwargs):
+        args, kwargs = self.tapper.enter(m, args, kwargs)
+        return self.tapper.exit(m, super().call_module(m, forward, args, kwargs))
+
+
+def trace(call: ModelCall, tapper: Tapper) -> fx.GraphModule:
+    """Symbolically trace `call` (its model's modules tapped); raises whatever fx raises."""
+    graph = _TappingTracer(tapper).trace(call)
+    return fx.GraphModule(call, graph)

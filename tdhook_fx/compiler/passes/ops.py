@@ -1,0 +1,164 @@
+"""Functions that rewritten graphs call (each appears as one readable node in `.code`).
+
+They are plain, traceable torch code: torch.compile and torch.export trace through them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tdhook_fx.errors import BindingError
+from tdhook_fx.compiler.passes.masks import magnitude_mask
+from tdhook_fx.compiler.shapes import broadcasts_to
+
+
+def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:
+    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype."""
+    # Compare ranks first: comparing shapes of different ranks element-wise would compare a
+    # batch size with a feature width, a shape guard torch.compile/torch.export would keep.
+    same = value.dim() == like.dim() and value.shape == like.shape
+    if not same and value.dim() > 0 and not broadcasts_to(value.shape, like.shape):
+        raise BindingError(
+            f"{statement}: a runtime value of shape {tuple(value.shape)} does not fit "
+            f"{site}, of shape {tuple(like.shape)} in this call\n"
+            "  hint: the value must broadcast to the site by torch's rules; for a per-example "
+            "vector at a (batch, seq, dim) site use shape (batch, 1, dim)"
+        )
+    return value if value.dtype == like.dtype else value.to(like.dtype)
+
+
+def call(function, *args) -> torch.Tensor:
+    """Call a Python function bound as a runtime value (`$f(...)` in a program)."""
+    result = function(*args)
+    if not isinstance(result, torch.Tensor):
+        name = getattr(function, "__name__", type(function).__name__)
+        raise BindingError(f"the function {name} bound in the program returned a {type(result).__name__}, not a tensor")
+    return result
+
+
+def filled(like: torch.Tensor, value) -> torch.Tensor:
+    """A new tensor shaped like `like`, every element set from `value` (broadcast)."""
+    return torch.empty_like(like).copy_(value)
+
+
+def assign(x: torch.Tensor, index: tuple, value) -> torch.Tensor:
+    """`x` with `x[index] = value`, without changing `x`."""
+    out = x.clone()
+    _put(out, index, value)
+    return out
+
+
+def steer_at(x: torch.Tensor, index: tuple, op: str, value) -> torch.Tensor:
+    """`x` with `x[index] += value` (or -=, *=), without changing `x`."""
+    out = x.clone()
+    part = region(x, index)  # read from x, not out: writing out[index] must not change what backward saved
+    _put(out, index, part + value if op == "+=" else part - value if op == "-=" else part * value)
+    return out
+
+
+def region(x: torch.Tensor, index: tuple) -> torch.Tensor:
+    """`x[index]`, reading integer tensors in the index (runtime positions, `$pos`) as tensors.
+
+    Python indexing turns a 0-dim integer tensor into a Python number, which torch.compile
+    bakes into the graph: every new position would recompile. Here such an index goes to
+    `aten.index` as a tensor instead (the same values), so it stays a graph input.
+    """
+    basic, tensors = _split_index(x, index)
+    if tensors is None:
+        return x[index]
+    return torch.ops.aten.index.Tensor(x[basic], tensors)
+
+
+def _put(out: torch.Tensor, index: tuple, value) -> None:
+    """`out[index] = value` in place, with integer tensors in the index read as in `region`."""
+    basic, tensors = _split_index(out, index)
+    if tensors is None:
+        out[index] = value
+        return
+    value = torch.as_tensor(value, dtype=out.dtype, device=out.device)
+    torch.ops.aten.index_put_(out[basic], tensors, value)  # out[basic] is a view: this writes into out
+
+
+def _split_index(x: torch.Tensor, index: tuple) -> tuple[tuple, list | None]:
+    """`index` as a basic index (ints, slices) and the tensor indices that follow it.
+
+    `x[index] == aten.index(x[basic], tensors)`: each tensor item becomes a full slice in
+    `basic` and takes its place in `tensors` (None for the other dimensions that remain), as
+    Python's own indexing does it. `(index, None)` when there are no tensors in the index.
+    """
+    if not any(isinstance(item, torch.Tensor) for item in index):
+        return index, None
+    items = list(index)
+    for at, item in enumerate(items):
+        if item is Ellipsis:
+            items[at : at + 1] = [slice(None)] * (x.dim() - (len(items) - 1))
+            break
+    basic, tensors = [], []
+    for item in items:
+        if isinstance(item, torch.Tensor):
+            basic.append(slice(None))
+            tensors.append(item)
+        elif isinstance(item, int):
+            basic.append(item)  # removes its dimension
+        else:
+            basic.append(item)
+            tensors.append(None)
+    while tensors and tensors[-1] is None:
+        tensors.pop()
+    return tuple(basic), tensors
+
+
+def batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the batch (dimension 0), kept as a dimension of size 1."""
+    return x.mean(0, keepdim=True)
+
+
+def importance_mask(scores: torch.Tensor, weight: torch.Tensor, amount: int | float, dim: int | None) -> torch.Tensor:
+    """A pruning mask for `weight` that zeroes the entries (or slices) with the lowest |scores|."""
+    if scores.shape != weight.shape:
+        raise BindingError(
+            f"importance scores of shape {tuple(scores.shape)} do not match the pruned weight "
+            f"of shape {tuple(weight.shape)}"
+        )
+    return magnitude_mask(scores.detach(), amount, dim).to(weight.dtype)
+
+
+def receive_grad(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """`x + delta`, where `delta` is a zero graph input: d(target)/d(delta) is the gradient at x.
+
+    Without gradients the caller passes a zero that needs no gradient and `x` comes back as it
+    is (`save grad`). (A 0-dim delta may be a real one: the gradient of a single element.)
+    """
+    return x + delta if delta.requires_grad else x
+
+
+def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor) -> torch.Tensor:
+    """`x` with `delta` added to `x[index]` (`save grad SITE[INDEX]`), without changing `x`."""
+    if not delta.requires_grad:
+        return x
+    out = x.clone()
+    _put(out, index, region(x, index) + delta)
+    return out
+
+
+class OverrideGrad(torch.autograd.Function):
+    """Identity forward; backward returns `rule(grad, *operands)` (operands get no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, rule, copy, *operands):
+        ctx.rule = rule
+        ctx.is_tensor = tuple(isinstance(o, torch.Tensor) for o in operands)
+        ctx.others = tuple(o for o in operands if not isinstance(o, torch.Tensor))
+        ctx.save_for_backward(*(o for o in operands if isinstance(o, torch.Tensor)))
+        return x.clone() if copy else x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors, others = iter(ctx.saved_tensors), iter(ctx.others)
+        operands = [next(tensors) if is_tensor else next(others) for is_tensor in ctx.is_tensor]
+        return (ctx.rule(grad, *operands), None, None, *(None for _ in operands))
+
+
+def override_grad(x: torch.Tensor, override, *operands) -> torch.Tensor:
+    """`x` unchanged; its gradient is replaced by `override.rule(grad, *operands)` (`set grad`)."""
+    return OverrideGrad.apply(x, override.rule, override.copy, *operands)

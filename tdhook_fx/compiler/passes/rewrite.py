@@ -1,0 +1,103 @@
+"""Rewrite: captured graph + resolved program -> the rewritten graph module.
+
+Each statement kind has one small pass (a plain function over the `RewriteContext`); they run
+statement by statement in program order, so statements at one site apply in the order written.
+The graph is finished once at the end (outputs, taps removed, dead code eliminated, linted,
+recompiled): recompiling after every statement would cost more than the whole rewrite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import fx
+
+from tdhook_fx.compiler.capture import Capture
+from tdhook_fx.compiler.capture.taps import is_tap
+from tdhook_fx.compiler.ir import ResolvedProgram
+from tdhook_fx.compiler.graphs import fetch_attr, is_impure, readable
+from tdhook_fx.compiler.passes.meta import INSERTED, SITE
+from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
+from tdhook_fx.compiler.passes.grad import insert_save_grad, insert_set_grad, move_grad_inputs_last
+from tdhook_fx.compiler.passes.patch import insert_patch
+from tdhook_fx.compiler.passes.prune import insert_prune
+from tdhook_fx.compiler.passes.save import insert_save
+from tdhook_fx.compiler.passes.set_value import insert_set
+from tdhook_fx.compiler.passes.steer import insert_steer
+from tdhook_fx.compiler.passes.stop import insert_stop
+
+PASSES = {
+    "save": insert_save,
+    "set": insert_set,
+    "steer": insert_steer,
+    "patch": insert_patch,
+    "prune": insert_prune,
+    "stop": insert_stop,
+    "save_grad": insert_save_grad,
+    "set_grad": insert_set_grad,
+}
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    graph_module: fx.GraphModule
+    # the graph's inputs, in order: model inputs, runtime values, patch sources, `save grad` deltas
+    runtime_names: tuple[str, ...]
+    source_inputs: tuple[tuple[str, int], ...]  # (source, in_key position) per source input
+    returns_model_outputs: bool
+    saved_names: tuple[str, ...]
+    grad_names: tuple[str, ...] = ()  # one zero input per `save grad`; its gradient is the saved one
+
+
+def rewrite(capture: Capture, resolved: ResolvedProgram) -> Rewritten:
+    ctx = RewriteContext(capture, resolved)
+    for intervention in resolved.interventions:
+        PASSES[intervention.kind](ctx, intervention)
+    return _finish(ctx)
+
+
+def _finish(ctx: RewriteContext) -> Rewritten:
+    graph = ctx.graph
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    model_outputs = () if ctx.stopped else tuple(output.args[0])
+    saved_names = tuple(ctx.resolved.saved_names)
+    values = model_outputs + tuple(ctx.saved[name] for name in saved_names)
+    graph.erase_node(output)
+    graph.output(values)
+    _tag_inserted(graph, ctx)
+    _remove_taps(graph, ctx.original)
+    grad_names = move_grad_inputs_last(graph)
+    graph.eliminate_dead_code(is_impure_node=lambda node: is_impure(node, ctx.capture.graph_module))
+    graph.lint()
+    root = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            own = node.target in ctx.attributes
+            root[node.target] = ctx.attributes[node.target] if own else fetch_attr(ctx.capture.graph_module, node.target)
+    graph_module = fx.GraphModule(root, graph, class_name="Rewritten")
+    sources = tuple((source, i) for source, nodes in ctx.source_inputs.items() for i in range(len(nodes)))
+    return Rewritten(graph_module, tuple(ctx.runtime), sources, not ctx.stopped, saved_names, grad_names)
+
+
+def _tag_inserted(graph: fx.Graph, ctx: RewriteContext) -> None:
+    """Mark the nodes the program added, so tools (show, draw) can tell them from the model's."""
+    for node in graph.nodes:
+        if node not in ctx.original and node.op != "output" and INSERTED not in node.meta:
+            node.meta[INSERTED] = "source" if node in ctx.source_nodes else "inserted"
+
+
+def _remove_taps(graph: fx.Graph, original: set[fx.Node]) -> None:
+    """Drop the taps; a model value each marked takes the site's name (the outermost module's)."""
+    named: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if not is_tap(node):
+            continue
+        value, site = node.args
+        node.replace_all_uses_with(value)
+        graph.erase_node(node)
+        is_output = ":" not in site or ":out" in site
+        renamable = value in original and value.op in ("call_function", "call_method", "call_module")
+        if renamable and (is_output or value not in named):
+            value._rename(readable(site))
+            value.meta[SITE] = site
+            named.add(value)

