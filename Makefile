@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(PY) examples/demo.py
 
+# Tests run in a random order (pytest-randomly); the seed is printed, and SEED=N repeats an order.
+SEED ?= $(shell date +%s)
+
 test: $(STAMP)
-	$(PY) -m pytest -n 2 -q
+	@echo "test order seed: $(SEED) (make test SEED=$(SEED) repeats this order)"
+	$(PY) -m pytest -n 2 -q -p randomly --randomly-seed=$(SEED)
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -n 2 -q -m slow
+	@echo "test order seed: $(SEED) (make test-slow SEED=$(SEED) repeats this order)"
+	$(PY) -m pytest -n 2 -q -m slow -p randomly --randomly-seed=$(SEED)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

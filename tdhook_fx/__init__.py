@@ -1,6 +1,7 @@
 """tdhook_fx: interventions written in a small DSL, compiled into a rewrite of the model's graph."""
 
 from tdhook_fx.compiler.compiled import CompiledModule
+from tdhook_fx.compiler.pipeline import compile, sites
 from tdhook_fx.errors import (
     BindingError,
     CaptureError,
@@ -9,10 +10,9 @@ from tdhook_fx.errors import (
     ResolutionError,
     TdhookFxError,
 )
-from tdhook_fx.shipping.io import load
-from tdhook_fx.compiler.pipeline import compile, sites
-from tdhook_fx.shipping.export import inspect_export, load_export
 from tdhook_fx.perf.sweep import sweep
+from tdhook_fx.shipping.audit import inspect_export, load_export
+from tdhook_fx.shipping.load import load
 from tdhook_fx.syntax.ast import Program
 from tdhook_fx.syntax.parse import parse
 

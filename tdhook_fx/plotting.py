@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from tdhook_fx.errors import InvalidArgument
 
 _SIGNS = ("all", "positive", "negative", "absolute")

@@ -417,8 +417,9 @@ class _pruned:
 
     def _swap(self, attribute: str, mask: torch.Tensor):
         def hook(module, args):
+            order = list(module._parameters)
             original = module._parameters.pop(attribute)
-            self.originals[(module, attribute)] = original
+            self.originals[(module, attribute)] = (original, order)
             setattr(module, attribute, original * mask)
 
         return hook
@@ -430,8 +431,15 @@ class _pruned:
         return hook
 
     def _put_back(self, module: nn.Module, attribute: str) -> None:
+        """The parameter back in its place: the model's parameter order (named_parameters,
+        state_dict, a later capture's graph) must not change."""
+        original, order = self.originals.pop((module, attribute))
         delattr(module, attribute)
-        module._parameters[attribute] = self.originals.pop((module, attribute))
+        parameters = module._parameters
+        parameters[attribute] = original
+        reordered = {name: parameters[name] for name in order if name in parameters}
+        parameters.clear()
+        parameters.update(reordered)
 
     def _parameters(self, param) -> list[str]:
         names = [n for n, _ in self.runner.model.named_parameters(remove_duplicate=False)]

@@ -16,11 +16,14 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-from hypothesis import strategies as st
+try:
+    from hypothesis import strategies as st
+except ImportError:  # an optional part: its extra installs hypothesis
+    raise ImportError("tdhook_fx.testing needs hypothesis: pip install 'tdhook_fx[testing]'") from None
 
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
-from tdhook_fx.syntax import ast
 from tdhook_fx.errors import MissingInputKey
+from tdhook_fx.syntax import ast
 
 identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
 # Module names as they appear in models: identifiers, container indices, odd names.

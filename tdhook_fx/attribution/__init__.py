@@ -6,13 +6,13 @@ with IntegratedGradients(init_attr_targets=f, multiply_by_inputs=True).prepare(m
     td = hooked(td)          # td["attr", "input"]
 ```
 
-Each method builds a small program (`save` / `save grad` / `set grad` / `stop`), compiles it
-into the model's graph with `tdhook_fx.compile`, and takes plain `torch.autograd.grad`s
-through the compiled module: no hooks are installed on the model.
+Each method is a `HookingContextFactory` of the one method framework (`tdhook_fx.methods`): it
+builds a small program (`save` / `save grad` / `set grad` / `stop`) as AST statements, runs it
+through the method layer's program cache, and takes plain `torch.autograd.grad`s through the
+compiled module: no hooks are installed on the model. The hooked module is a `HookedModule`.
 """
 
 from tdhook_fx.attribution.activation_maximisation import ActivationMaximisation
-from tdhook_fx.attribution.context import AttributedModule, MethodContext
 from tdhook_fx.attribution.grad_cam import DimsConfig, GradCAM
 from tdhook_fx.attribution.gradients import GradientAttribution
 from tdhook_fx.attribution.guided_backpropagation import GuidedBackpropagation
@@ -21,12 +21,10 @@ from tdhook_fx.attribution.saliency import Saliency
 
 __all__ = [
     "ActivationMaximisation",
-    "AttributedModule",
     "DimsConfig",
     "GradCAM",
     "GradientAttribution",
     "GuidedBackpropagation",
     "IntegratedGradients",
-    "MethodContext",
     "Saliency",
 ]

@@ -48,15 +48,15 @@ class ActivationMaximisation(GradientAttribution):
         self._min_value = min_value
         self._max_value = max_value
 
-    def run(self, hooked, td: TensorDictBase) -> TensorDictBase:
-        working = td.select(*hooked.keys.td_in_keys, *self._additional_init_keys).clone(recurse=False)
+    def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
+        working = td.select(*hooked.interface.in_keys, *self._additional_init_keys).clone(recurse=False)
         step = {}
         for _ in range(self._n_steps):
             step = self.attributions(hooked, working)
-            for key in hooked.keys.td_in_keys:
+            for key in hooked.interface.in_keys:
                 moved = working.get(key) + self._alpha * step[key]
                 working.set(key, torch.clamp(moved, min=self._min_value, max=self._max_value))
-        for key in hooked.keys.td_in_keys:
+        for key in hooked.interface.in_keys:
             td.set(join_keys(self._attr_key, key), working.get(key))
             if self._keep_working and step:  # tdhook's intermediate keys
                 td.set(join_keys("_working", key), working.get(key))
@@ -66,6 +66,6 @@ class ActivationMaximisation(GradientAttribution):
     def _grad_attr(self, grads: dict, values: dict) -> dict:
         return grads
 
-    def declared_out_keys(self, keys) -> list:
-        return [join_keys(self._attr_key, k) for k in keys.td_in_keys]
+    def hooked_keys(self, interface) -> tuple[list, list]:
+        return list(interface.in_keys), [join_keys(self._attr_key, k) for k in interface.in_keys]
 

@@ -19,21 +19,37 @@ the model is not computed at all.
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from tensordict import TensorDict, TensorDictBase
 
-from tdhook_fx.attribution.context import MethodContext, ModelKeys, unwrap
 from tdhook_fx.compiler.capture import join_keys
-from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.methods.programs import dsl_site
-from tdhook_fx.syntax.ast import variables
+from tdhook_fx.compiler.capture.sites import SiteTable
+from tdhook_fx.compiler.resolve import match_sites
+from tdhook_fx.errors import InvalidArgument, MissingInputKey, TdhookFxError
+from tdhook_fx.methods.context import HookingContextFactory, check_no_overlap
+from tdhook_fx.methods.interface import ModelInterface
+from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult
+from tdhook_fx.methods.reads import dsl_site, grad_callback
+from tdhook_fx.syntax import ast
+from tdhook_fx.syntax.parse import parse_site
 
 INTERMEDIATE = ("_register_in", "_mod_in", "_mod_out", "_cache_in", "_cache_out")
 
 
-class GradientAttribution:
+@dataclass
+class AttributionProgram:
+    """What one attribution pass compiles: its statements, and the saved names it reads back."""
+
+    builder: ProgramBuilder = field(default_factory=ProgramBuilder)
+    activations: dict = field(default_factory=dict)  # input_modules path -> (saved value, saved gradient)
+    targets: dict = field(default_factory=dict)  # target_modules path -> saved value
+
+
+class GradientAttribution(HookingContextFactory):
     """Base of the gradient attributions; the parameters are tdhook's.
 
     - `use_inputs`: attribute to the model inputs (`init_attr_inputs` picks some of them).
@@ -71,6 +87,7 @@ class GradientAttribution:
         *,
         per_target: bool = False,
     ):
+        super().__init__()
         if cache_callback is not None:
             raise TdhookFxError(
                 "cache_callback is not supported: a compiled program attributes to a tensor it can name\n"
@@ -90,78 +107,78 @@ class GradientAttribution:
         self._clean_intermediate_keys = clean_intermediate_keys
         self._per_target = per_target
 
-    # ---- tdhook's API -------------------------------------------------------------------------
+    # ---- the method protocol ------------------------------------------------------------------
 
-    def prepare(self, module, in_keys=None, out_keys=None) -> MethodContext:
-        """A context yielding the model prepared for this method: `with m.prepare(model) as h: h(td)`.
+    def check(self, interface: ModelInterface) -> None:
+        check_no_overlap(
+            self._additional_init_keys,
+            interface.in_keys + interface.out_keys,
+            "Additional init keys must not be in the in_keys or out_keys",
+        )
 
-        `in_keys`: the TensorDict keys of the model's inputs, in order, or {forward keyword:
-        key} (Hugging Face: `{"inputs_embeds": "embeds"}`); `out_keys`: where its outputs go
-        (Hugging Face outputs are picked by name: `["logits"]`). A TensorDictModule brings its own.
-        """
-        model, in_keys, out_keys = unwrap(module, in_keys, out_keys)
-        keys = ModelKeys.from_prepare(in_keys, out_keys)
-        if set(map(_plain, self._additional_init_keys)) & set(map(_plain, keys.td_in_keys + keys.out_keys)):
-            raise ValueError("Additional init keys must not be in the in_keys or out_keys")
-        return MethodContext(self, model, keys)
+    def hooked_keys(self, interface: ModelInterface) -> tuple[list, list]:
+        """The model inputs' keys (what the metrics perturb), and the keys the method writes."""
+        attributed = list(interface.in_keys) if self._use_inputs else []
+        return list(interface.in_keys), [join_keys(self._attr_key, k) for k in attributed + self._input_modules]
 
-    def declared_out_keys(self, keys: ModelKeys) -> list:
-        attributed = list(keys.td_in_keys) if self._use_inputs else []
-        return [join_keys(self._attr_key, k) for k in attributed + self._input_modules]
-
-    # ---- the program --------------------------------------------------------------------------
-
-    def program(self, hooked, inputs: tuple) -> tuple[list[str], dict]:
-        """The DSL lines this method compiles into the model, and the functions they call."""
-        lines = []
-        for i, path in enumerate(self._input_modules):
-            lines += [f"save {path} as act_{i}", f"save grad {path} as grad_{i}"]
-        for i, path in enumerate(self._target_modules):
-            lines.append(f"save {path} as target_{i}")
-        for i, path in enumerate(self._output_grad_callbacks):
-            lines.append(f"set grad {path} = $output_grad_{i}(value)")
-        return lines, {}
-
-    def compile(self, hooked, inputs: tuple):
-        lines, bindings = self.program(hooked, inputs)
-        compiled = hooked.compile_program(lines, inputs, bindings)
-        if not self._use_outputs and compiled.resolved.interventions:
-            # nothing after the last named site is needed: cut the graph there
-            last = max(compiled.resolved.interventions, key=lambda i: i.site.order).site
-            compiled = hooked.compile_program(lines + [f"stop {dsl_site(compiled.sites, last)}"], inputs, bindings)
-        self._bind_output_grad_callbacks(hooked, compiled)
-        return compiled
-
-    def _bind_output_grad_callbacks(self, hooked, compiled) -> None:
-        for i, callback in enumerate(self._output_grad_callbacks.values()):
-            name = f"output_grad_{i}"
-            site = next(x.site for x in compiled.resolved.interventions if name in variables(x.statement))
-            compiled.bind(**{name: _output_grad(callback, hooked.model.get_submodule(site.module))})
-
-    # ---- one call -----------------------------------------------------------------------------
-
-    def run(self, hooked, td: TensorDictBase) -> TensorDictBase:
+    def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         for key, value in self.attributions(hooked, td).items():
             td.set(join_keys(self._attr_key, key), value)
         return td
 
+    # ---- the program --------------------------------------------------------------------------
+
+    def program(self, hooked, table: SiteTable) -> AttributionProgram:
+        """The statements this method compiles into the model for inputs whose sites are `table`."""
+        found = AttributionProgram()
+        builder = found.builder
+        named = []  # the sites the program names (a `stop` may follow the last of them)
+        for path in self._input_modules:
+            site = _one_site(table, path, "input_modules")
+            named.append(site)
+            found.activations[path] = (builder.save(dsl_site(table, site), "act"), builder.save(dsl_site(table, site), "grad", grad=True))
+        for path in self._target_modules:
+            site = _one_site(table, path, "target_modules")
+            named.append(site)
+            found.targets[path] = builder.save(dsl_site(table, site), "target")
+        for path, callback in self._output_grad_callbacks.items():
+            site = _one_site(table, path, "output_grad_callbacks")
+            named.append(site)
+            module = hooked.interface.model.get_submodule(site.module)
+            function = builder.call(grad_callback(callback, module, "bwd_pre"), "output_grad", ast.SiteValue())
+            builder.add(ast.Set(dsl_site(table, site), function, grad=True))
+        self.add_statements(hooked, table, builder)
+        if not self._use_outputs and named:  # nothing after the last named site is needed: cut the graph there
+            builder.add(ast.Stop(dsl_site(table, max(named, key=lambda s: s.order))))
+        return found
+
+    def add_statements(self, hooked, table: SiteTable, builder: ProgramBuilder) -> None:
+        """Statements a method adds to the program (guided backpropagation's gradient clamps)."""
+
+    def run_program(self, hooked, inputs: tuple) -> tuple[AttributionProgram, ProgramResult]:
+        """Build and run the program once on `inputs` (model inputs in call order)."""
+        program = self.program(hooked, hooked.sites(inputs))
+        return program, hooked.execute(program.builder, inputs)
+
+    # ---- one call -----------------------------------------------------------------------------
+
     def attributions(self, hooked, td: TensorDictBase) -> dict:
         """The attributions for `td`, by input key and module path (also writes the intermediates)."""
-        keys: ModelKeys = hooked.keys
+        interface: ModelInterface = hooked.interface
         batch = tuple(td.batch_size)
-        inputs = {k: _read(td, k, "model input") for k in keys.td_in_keys}
+        inputs = {k: _read(td, k, "model input") for k in interface.in_keys}
         additional = td.select(*self._additional_init_keys)
         attributed = self._attributed_inputs(inputs, additional)
         call_inputs, shape = self.model_inputs(td, inputs, attributed, batch)
         leaves = {k: call_inputs[k].detach().requires_grad_(True) for k in attributed}
-        ordered = tuple(leaves.get(k, call_inputs[k]) for k in keys.td_in_keys)
-        compiled = hooked.compiled(ordered)
+        ordered = tuple(leaves.get(k, call_inputs[k]) for k in interface.in_keys)
         with torch.enable_grad():
-            outputs, saved, deltas = hooked.call(compiled, ordered)
-            targets = self._targets(keys, outputs, saved, shape, additional)
-            activations = {p: saved[f"act_{i}"] for i, p in enumerate(self._input_modules)}
+            program, result = self.run_program(hooked, ordered)
+            outputs = list((result.outputs or {}).values())
+            targets = self._targets(interface, program, outputs, result.saved, shape, additional)
+            activations = {p: result.saved[act] for p, (act, _) in program.activations.items()}
             wrt = dict(leaves)
-            wrt.update(self._module_grad_inputs(activations, deltas, shape, additional))
+            wrt.update(self._module_grad_inputs(program, activations, result.grad_deltas, shape, additional))
             per_target = self._gradients(targets, wrt, additional)
         values = {k: inputs[k] if k in inputs else _unflatten(activations[k], shape).detach() for k in wrt}
         attributions = {}
@@ -170,30 +187,12 @@ class GradientAttribution:
             attributions[target] = self._grad_attr(self.reduce_grads(grads, batch), values)
         attributions = self.finish(hooked, td, attributions, call_inputs, attributed, batch, additional)
         if not self._clean_intermediate_keys:
-            self._write_intermediates(td, keys, ordered, outputs, activations, shape)
+            self._write_intermediates(td, interface, ordered, outputs, activations, shape)
         return {
             key if target is None else join_keys(target, key): value
             for target, found in attributions.items()
             for key, value in found.items()
         }
-
-    def model_outputs(self, hooked, td: TensorDictBase) -> TensorDictBase:
-        """The model's outputs on `td`'s inputs at ("_mod_out", out_key), without gradients.
-
-        Used by the metrics (see `AttributedModule.outputs`). Always the outputs at the inputs
-        themselves, also for IntegratedGradients (whose intermediate ("_mod_out", key) holds the
-        outputs along the path).
-        """
-        keys: ModelKeys = hooked.keys
-        inputs = {k: _read(td, k, "model input") for k in keys.td_in_keys}
-        call_inputs, shape = GradientAttribution.model_inputs(self, td, inputs, [], tuple(td.batch_size))
-        ordered = tuple(call_inputs[k] for k in keys.td_in_keys)
-        with torch.no_grad():
-            outputs, _, _ = hooked.call(hooked.compiled(ordered), ordered)
-        result = td.empty()
-        for key, value in zip(keys.out_keys, outputs):
-            result.set(join_keys("_mod_out", key), _unflatten(value, shape))
-        return result
 
     # ---- steps a method may change ------------------------------------------------------------
 
@@ -205,9 +204,9 @@ class GradientAttribution:
         """Gradients shaped like the results' batch, reduced to the TensorDict's batch."""
         return grads
 
+    @abstractmethod
     def _grad_attr(self, grads: dict, values: dict) -> dict:
         """Attributions from the gradients (per key) and the values they are gradients of."""
-        raise NotImplementedError
 
     def finish(self, hooked, td, attributions: dict, call_inputs, attributed, batch, additional) -> dict:
         """Last changes to the attributions {target (None: all together): {key: attribution}}
@@ -220,7 +219,7 @@ class GradientAttribution:
         if self._init_attr_inputs is not None and self._use_inputs:
             chosen = self._init_attr_inputs(TensorDict(inputs, batch_size=[]), additional)
             if not isinstance(chosen, TensorDictBase):
-                raise ValueError("init_attr_inputs function must return a TensorDict")
+                raise InvalidArgument("init_attr_inputs function must return a TensorDict")
             keys = [k for k in inputs if _plain(k) in set(map(_plain, chosen.keys(True, True)))]
         elif self._use_inputs:  # integer inputs (token ids, masks) have no gradient: skip them
             keys = [k for k, x in inputs.items() if x.is_floating_point()] or list(inputs)
@@ -236,28 +235,28 @@ class GradientAttribution:
                 )
         return keys
 
-    def _targets(self, keys: ModelKeys, outputs, saved: dict, shape: tuple, additional) -> TensorDictBase:
+    def _targets(self, interface, program: AttributionProgram, outputs, saved: dict, shape: tuple, additional) -> TensorDictBase:
         values = {}
         if self._use_outputs:
-            values.update({k: _unflatten(o, shape) for k, o in zip(keys.out_keys, outputs)})
-        for i, path in enumerate(self._target_modules):
-            values[path] = _unflatten(saved[f"target_{i}"], shape)
+            values.update({k: _unflatten(o, shape) for k, o in zip(interface.out_keys, outputs)})
+        for path, name in program.targets.items():
+            values[path] = _unflatten(saved[name], shape)
         targets = TensorDict(values, batch_size=shape)
         if self._init_attr_targets is not None:
             targets = self._init_attr_targets(targets, additional)
             if not isinstance(targets, TensorDictBase):
-                raise ValueError("init_attr_targets function must return a TensorDict")
+                raise InvalidArgument("init_attr_targets function must return a TensorDict")
         return targets
 
-    def _module_grad_inputs(self, activations: dict, deltas: dict, shape: tuple, additional) -> dict:
+    def _module_grad_inputs(self, program: AttributionProgram, activations: dict, deltas: dict, shape: tuple, additional) -> dict:
         chosen = list(activations)
         if self._init_attr_cache_in is not None and chosen:
             given = TensorDict({p: _unflatten(a, shape) for p, a in activations.items()}, batch_size=shape)
             selected = self._init_attr_cache_in(given, additional)
             if not isinstance(selected, TensorDictBase):
-                raise ValueError("init_attr_cache_in function must return a TensorDict")
+                raise InvalidArgument("init_attr_cache_in function must return a TensorDict")
             chosen = [p for p in chosen if p in set(selected.keys(True, True))]
-        return {p: deltas[f"grad_{self._input_modules.index(p)}"] for p in chosen}
+        return {p: deltas[program.activations[p][1]] for p in chosen}
 
     def _gradients(self, targets: TensorDictBase, wrt: dict, additional) -> dict:
         """{None: gradients of the targets' sum}, or with per_target {target: its gradients}, by key."""
@@ -270,18 +269,18 @@ class GradientAttribution:
         tensors = [targets.get(n) for n in names]
         for name, tensor in zip(names, tensors):
             if tensor.grad_fn is None:
-                raise ValueError(
+                raise InvalidArgument(
                     f"Target {name} has no grad_fn: it does not depend on what is attributed\n"
                     "  hint: init_attr_targets must return values computed from the outputs it receives"
                 )
         if self._init_attr_grads is not None:
             init = self._init_attr_grads(targets, additional)
             if not isinstance(init, TensorDictBase):
-                raise ValueError("init_attr_grads function must return a TensorDict")
+                raise InvalidArgument("init_attr_grads function must return a TensorDict")
             if init.batch_size != targets.batch_size:
-                raise ValueError("init_grads should have the same batch size as targets")
+                raise InvalidArgument("init_grads should have the same batch size as targets")
             if set(init.keys(True, True)) != set(names):
-                raise ValueError("Targets and init_grads must have the same keys")
+                raise InvalidArgument("Targets and init_grads must have the same keys")
             starts = [init.get(n) for n in names]
         else:
             starts = [torch.ones_like(t) for t in tensors]
@@ -295,24 +294,26 @@ class GradientAttribution:
             found[name] = _fill(wrt, grads)
         return found
 
-    def _write_intermediates(self, td, keys: ModelKeys, ordered, outputs, activations, shape) -> None:
-        for key, value in zip(keys.td_in_keys, ordered):
+    def _write_intermediates(self, td, interface, ordered, outputs, activations, shape) -> None:
+        for key, value in zip(interface.in_keys, ordered):
             td.set(join_keys("_register_in", key), _unflatten(value.detach(), shape))
             td.set(join_keys("_mod_in", key), _unflatten(value.detach(), shape))
-        for key, value in zip(keys.out_keys, outputs):
+        for key, value in zip(interface.out_keys, outputs):
             td.set(join_keys("_mod_out", key), _unflatten(value.detach(), shape))
         for path, value in activations.items():
             td.set(join_keys("_cache_in", path), _unflatten(value.detach(), shape))
 
 
-def _output_grad(callback: Callable, module) -> Callable:
-    """tdhook's bwd_pre setting callback as a function of the gradient (`set grad ... = $f(value)`)."""
-
-    def replace(grad: torch.Tensor) -> torch.Tensor:
-        new = callback(module=module, grad_output=(grad,), value=None, direction="bwd_pre")
-        return grad if new is None else new[0]
-
-    return replace
+def _one_site(table: SiteTable, path: str, what: str):
+    """The one site that `path` (DSL site text, e.g. `transformer.h[0].mlp` or `h.0.attn:out.0`) names."""
+    sites = match_sites(table, parse_site(path, source=what))
+    if len(sites) != 1:
+        names = ", ".join(s.name for s in sites)
+        raise InvalidArgument(
+            f"{what} entry {path!r} names {len(sites)} tensors ({names}); it must name one\n"
+            f"  hint: pick one with a port, e.g. '{sites[0].name}'"
+        )
+    return sites[0]
 
 
 def _fill(wrt: dict, grads) -> dict:
@@ -323,7 +324,7 @@ def _fill(wrt: dict, grads) -> dict:
 def _read(td: TensorDictBase, key, what: str) -> torch.Tensor:
     value = td.get(key, None)
     if not isinstance(value, torch.Tensor):
-        raise KeyError(
+        raise MissingInputKey(
             f"the TensorDict has no {what} at {key!r}; its keys: "
             f"{sorted(map(str, td.keys(include_nested=True, leaves_only=True)))}"
         )

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from tdhook_fx.attribution.gradients import GradientAttribution
-from tdhook_fx.methods.programs import dsl_site
+from tdhook_fx.methods.reads import dsl_site
+from tdhook_fx.syntax import ast
 
 
 class GuidedBackpropagation(GradientAttribution):
@@ -27,17 +28,16 @@ class GuidedBackpropagation(GradientAttribution):
         self._multiply_by_inputs = multiply_by_inputs
         self._classes_to_skip = tuple(classes_to_skip)
 
-    def program(self, hooked, inputs: tuple) -> tuple[list[str], dict]:
-        lines, bindings = super().program(hooked, inputs)
-        modules = dict(hooked.model.named_modules())
-        table = hooked.sites(inputs)
+    def add_statements(self, hooked, table, builder) -> None:
+        modules = dict(hooked.interface.model.named_modules())
+        relu = None
         for site in table:
             if site.kind != "in" or not site.eager or not site.dtype.is_floating_point:
                 continue
             if not site.module or isinstance(modules[site.module], self._classes_to_skip):
                 continue
-            lines.append(f"set grad {dsl_site(table, site)} = $relu(value)")
-        return lines, {**bindings, "relu": torch.relu}
+            relu = relu or builder.var("relu", torch.relu)
+            builder.add(ast.Set(dsl_site(table, site), ast.Call(relu, (ast.SiteValue(),)), grad=True))
 
     def _grad_attr(self, grads: dict, values: dict) -> dict:
         if not self._multiply_by_inputs:

@@ -12,6 +12,7 @@ import torch
 from tdhook_fx.attribution.gradients import GradientAttribution, _flatten
 from tdhook_fx.attribution.quadrature import quadrature
 from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.errors import InvalidArgument, MissingInputKey
 
 
 class IntegratedGradients(GradientAttribution):
@@ -51,9 +52,9 @@ class IntegratedGradients(GradientAttribution):
         self._alphas = torch.tensor(alphas, dtype=torch.float64)  # cast per input: the same rounding as from floats
         self._step_sizes = torch.tensor(step_sizes, dtype=torch.float64)
 
-    def declared_out_keys(self, keys) -> list:
-        delta = ["convergence_delta"] if self._compute_convergence_delta else []
-        return super().declared_out_keys(keys) + delta
+    def hooked_keys(self, interface) -> tuple[list, list]:
+        in_keys, out_keys = super().hooked_keys(interface)
+        return in_keys, out_keys + (["convergence_delta"] if self._compute_convergence_delta else [])
 
     def model_inputs(self, td, inputs: dict, attributed: list, batch: tuple) -> tuple[dict, tuple]:
         n, nb = self._n_steps, len(batch)
@@ -100,22 +101,24 @@ class IntegratedGradients(GradientAttribution):
     def _target_sums(self, hooked, td, attributed, batch, additional) -> list[dict]:
         """[F(baseline), F(input)] per target (summed over its features), from one forward pass
         on both (no gradients)."""
-        keys = hooked.keys
+        interface = hooked.interface
         nb = len(batch)
         both = []
-        for key in keys.td_in_keys:
+        for key in interface.in_keys:
             x = td.get(key)
             start = self._baseline(td, key, x) if key in attributed else x
             both.append(torch.cat([_flatten(start, nb), _flatten(x, nb)]) if nb else torch.stack([start, x]))
         with torch.no_grad():
-            outputs, saved, _ = hooked.call(hooked.compiled(tuple(both)), tuple(both))
+            program, result = self.run_program(hooked, tuple(both))
+        outputs, saved = list((result.outputs or {}).values()), result.saved
         sums = []
         for half in range(2):
 
             def part(value: torch.Tensor, half=half) -> torch.Tensor:
                 return value.chunk(2)[half] if nb else value[half]
 
-            targets = self._targets(keys, [part(o) for o in outputs], {k: part(v) for k, v in saved.items()}, batch, additional)
+            halves = {k: part(v) for k, v in saved.items()}
+            targets = self._targets(interface, program, [part(o) for o in outputs], halves, batch, additional)
             sums.append({k: _feature_sum(targets.get(k), nb) for k in targets.keys(True, True)})
         return sums
 
@@ -123,12 +126,12 @@ class IntegratedGradients(GradientAttribution):
         where = join_keys(self._baseline_key, key)
         baseline = td.get(where, None)
         if baseline is None:
-            raise KeyError(
+            raise MissingInputKey(
                 f"no baseline for the input {key!r}: IntegratedGradients reads it at {where!r}\n"
                 f"  hint: td[{where!r}] = torch.zeros_like(td[{key!r}])"
             )
         if baseline.shape != like.shape:
-            raise ValueError(f"the baseline at {where!r} has shape {tuple(baseline.shape)}; the input has {tuple(like.shape)}")
+            raise InvalidArgument(f"the baseline at {where!r} has shape {tuple(baseline.shape)}; the input has {tuple(like.shape)}")
         return baseline
 
 
@@ -146,7 +149,7 @@ def _labelled(outputs, additional, selected_out_keys, label_key="label"):
         labels = labels.reshape(*labels.shape, *[1] * (targets.batch_dims - labels.dim())).expand(targets.batch_size)
         value = targets[key]
         if value.shape[:-1] != targets.batch_size:
-            raise ValueError(
+            raise InvalidArgument(
                 f"output {key!r} has shape {tuple(value.shape)}: labels select along its last dim, "
                 f"which must follow the batch dims {list(targets.batch_size)}"
             )

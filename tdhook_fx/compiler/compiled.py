@@ -11,11 +11,11 @@ from torch import nn
 from tdhook_fx.compiler.capture import Capture, SiteTable, join_keys, key_name
 from tdhook_fx.compiler.capture.call_plan import example_inputs
 from tdhook_fx.compiler.graphs import fetch_attr
-from tdhook_fx.errors import BindingError, ExportError, TdhookFxError
 from tdhook_fx.compiler.ir import ResolvedProgram, has_runtime_values
-from tdhook_fx.compiler.passes.rewrite import Rewritten
 from tdhook_fx.compiler.passes.grad import region_shape, site_shapes
+from tdhook_fx.compiler.passes.rewrite import Rewritten
 from tdhook_fx.compiler.runner import runner
+from tdhook_fx.errors import BindingError, ExportError, TdhookFxError
 from tdhook_fx.syntax.ast import variables
 
 SAVED = "saved"
@@ -181,21 +181,21 @@ class CompiledModule(nn.Module):
 
         Load it back onto the same base model with `tdhook_fx.load(path, model)`.
         """
-        from tdhook_fx.shipping import io
+        from tdhook_fx.shipping.save import save
 
-        return io.save(self, path, example=example)
+        return save(self, path, example=example)
 
     def export(self, path, *, example=None):
         """Write a standalone `torch.export` archive (.pt2) of this module; see `tdhook_fx.shipping.export`."""
-        from tdhook_fx.shipping import export as standalone
+        from tdhook_fx.shipping.export import export
 
-        return standalone.export(self, path, example=example)
+        return export(self, path, example=example)
 
     def draw(self, path, **options):
         """Draw the rewritten graph to `path` (.svg, .html or .dot); see `tdhook_fx.shipping.draw`."""
-        from tdhook_fx.shipping import draw
+        from tdhook_fx.shipping.draw import draw
 
-        return draw.draw(self, path, **options)
+        return draw(self, path, **options)
 
     # ---- calling ------------------------------------------------------------------------------
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-import torch
 from torch import nn
 
 from tdhook_fx.compiler.capture import SiteTable, capture

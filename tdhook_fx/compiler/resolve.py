@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
-from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
+from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.syntax import ast
 from tdhook_fx.syntax.parse import parse_site
 

@@ -14,16 +14,16 @@ from collections.abc import Callable
 from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
-from tdhook_fx.methods.context import HookingContextFactory, HookingContextWithCache
-from tdhook_fx.methods.paths import match_modules, no_match_error
-from tdhook_fx.methods.programs import FORWARD_PORT, MethodUsageError, add_read, calls
+from tdhook_fx.errors import InvalidArgument
+from tdhook_fx.methods.context import HookingContextWithCache
+from tdhook_fx.methods.reading import ModuleReadingMethod
 
 
 def _key_path(key: NestedKey) -> tuple:
     return (key,) if isinstance(key, str) else tuple(key)
 
 
-class ActivationCaching(HookingContextFactory):
+class ActivationCaching(ModuleReadingMethod):
     """Cache the activations of the modules matching `key_pattern` (tdhook's `re.match`)."""
 
     _hooking_context_class = HookingContextWithCache
@@ -39,21 +39,10 @@ class ActivationCaching(HookingContextFactory):
         clear_cache: bool = True,
         cache_key: NestedKey | None = "cache",
     ):
-        super().__init__()
+        super().__init__(key_pattern, relative, directions, callback=callback)
         if cache is not None and cache.is_locked and clear_cache:
-            raise ValueError("locked or memory-mapped caches require clear_cache=False")
+            raise InvalidArgument("locked or memory-mapped caches require clear_cache=False")
         self._hooking_context_kwargs.update(cache=cache, clear_cache=clear_cache)
-        self.key_pattern = key_pattern
-        self._relative = relative
-        self._callback = callback
-        self._directions = list(directions or ["fwd"])
-        for direction in self._directions:
-            if direction not in FORWARD_PORT:
-                raise MethodUsageError(
-                    f"ActivationCaching direction {direction!r} needs gradients read after your backward, "
-                    "which a cache filled by the forward pass cannot hold; "
-                    f"use one of {sorted(FORWARD_PORT)}"
-                )
         self._use_nested_keys = use_nested_keys or len(self._directions) > 1
         self._cache_key = cache_key
 
@@ -61,44 +50,25 @@ class ActivationCaching(HookingContextFactory):
     def cache_key(self) -> NestedKey | None:
         return self._cache_key
 
-    @property
-    def additional_out_keys(self) -> list:
-        return [] if self._cache_key is None else [self._cache_key]
+    def hooked_keys(self, interface) -> tuple[list, list]:
+        extra = [] if self._cache_key is None else [self._cache_key]
+        return list(interface.in_keys), list(interface.out_keys) + extra
 
-    def prepare(self, module, in_keys=None, out_keys=None):
-        context = super().prepare(module, in_keys, out_keys)
-        if self._cache_key is not None:
-            for key in context.module.interface.out_keys:
-                left, right = _key_path(self._cache_key), _key_path(key)
-                if left[: min(len(left), len(right))] == right[: min(len(left), len(right))]:
-                    raise ValueError(
-                        f"Activation cache key {self._cache_key!r} collides with a model output key"
-                    )
-        return context
+    def check(self, interface) -> None:
+        if self._cache_key is None:
+            return
+        for key in interface.out_keys:
+            left, right = _key_path(self._cache_key), _key_path(key)
+            common = min(len(left), len(right))
+            if left[:common] == right[:common]:
+                raise InvalidArgument(f"Activation cache key {self._cache_key!r} collides with a model output key")
 
-    def _build(self, hooked, builder, table, td):
-        interface = hooked.interface
-        base = interface.base(self._relative)
-        refs = match_modules(base, interface.model, self.key_pattern)
-        if not refs:
-            raise no_match_error(base, self.key_pattern)
-        reads = []
-        for direction in self._directions:
-            for ref in refs:
-                if not calls(table, ref.name):
-                    continue
-                key = (direction, ref.key) if self._use_nested_keys else ref.key
-                read = add_read(
-                    builder, table, ref.key, ref.name, ref.module, direction, self._callback, key=key
-                )
-                if read is not None:
-                    reads.append((key, read))
+    def read_key(self, ref, direction: str):
+        return (direction, ref.key) if self._use_nested_keys else ref.key
+
+    def consume(self, hooked, values, result, td, state) -> None:
         cache = hooked.hooking_context.cache
-
-        def store(result, td: TensorDictBase) -> None:
-            for key, read in sorted(reads, key=lambda item: item[1].order):
-                cache.set(key, read.tensor(result.saved))
-            if self._cache_key is not None:
-                td.set(self._cache_key, cache.copy())
-
-        return store
+        for value in values:
+            cache.set(self.read_key(value.ref, value.direction), value.read.tensor(result.saved))
+        if self._cache_key is not None:
+            td.set(self._cache_key, cache.copy())

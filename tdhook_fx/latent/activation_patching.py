@@ -22,26 +22,15 @@ from tensordict import TensorDictBase
 from tensordict.utils import NestedKey
 
 from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.errors import PatchShapeError, TdhookFxError
 from tdhook_fx.methods.context import HookingContextFactory
-from tdhook_fx.errors import TdhookFxError
+from tdhook_fx.methods.interface import never_called
 from tdhook_fx.methods.paths import refer
-from tdhook_fx.methods.programs import (
-    ProgramBuilder,
-    add_replace,
-    calls,
-    dsl_site,
-    execute,
-    never_called,
-    ports,
-    sites_for,
-)
+from tdhook_fx.methods.programs import ProgramBuilder
+from tdhook_fx.methods.reads import add_replace, dsl_site, ports
 from tdhook_fx.syntax import ast
 
 CLEAN_SOURCE = "clean"
-
-
-class PatchShapeError(TdhookFxError, ValueError):
-    """A `patch_fn` returned a tensor whose shape differs from the activation it replaces."""
 
 
 class ActivationPatching(HookingContextFactory):
@@ -70,7 +59,7 @@ class ActivationPatching(HookingContextFactory):
         self._patch_key = patch_key
         self._patch_fn = patch_fn
 
-    def _forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
+    def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         interface = hooked.interface
         clean = interface.inputs(td)
         patched = interface.inputs(
@@ -99,10 +88,9 @@ class ActivationPatching(HookingContextFactory):
 
     def _stacked(self, hooked, refs, clean, patched):
         """One pass on [clean; patched]: each site's patched half takes the clean half's value."""
-        interface = hooked.interface
         inputs = tuple(torch.cat([c, p]) for c, p in zip(clean, patched))
         half = clean[0].shape[0]
-        table = sites_for(interface, inputs)
+        table = hooked.sites(inputs)
         builder = ProgramBuilder()
         for ref in refs:
             for call in range(_calls(table, ref)):
@@ -112,15 +100,13 @@ class ActivationPatching(HookingContextFactory):
                     return torch.cat([source, self._replacement(_key, target, source)])
 
                 add_replace(builder, table, ref.key, ref.name, call, patch_halves, prefix="patch_fn")
-        result = execute(interface, builder, inputs, source="ActivationPatching program")
-        hooked._set_compiled(result.compiled)
+        result = hooked.execute(builder, inputs)
         outputs = result.outputs
         return {k: v[:half] for k, v in outputs.items()}, {k: v[half:] for k, v in outputs.items()}
 
     def _with_source(self, hooked, refs, clean, patched):
         """`patch SITE from clean with $f` on the patched inputs, and a plain pass on the clean ones."""
-        interface = hooked.interface
-        table = sites_for(interface, patched)
+        table = hooked.sites(patched)
         builder = ProgramBuilder()
         for ref in refs:
             for call in range(_calls(table, ref)):
@@ -133,11 +119,8 @@ class ActivationPatching(HookingContextFactory):
 
                 function = builder.var("patch_fn", patch_value)
                 builder.add(ast.Patch(dsl_site(table, sites[0]), CLEAN_SOURCE, function))
-        result = execute(
-            interface, builder, patched, sources={CLEAN_SOURCE: clean}, source="ActivationPatching program"
-        )
-        plain = execute(interface, ProgramBuilder(), clean, source="ActivationPatching clean run")
-        hooked._set_compiled(result.compiled)
+        plain = hooked.execute(ProgramBuilder(), clean)
+        result = hooked.execute(builder, patched, sources={CLEAN_SOURCE: clean})
         return plain.outputs, result.outputs
 
     def _replacement(self, key: str, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -156,7 +139,7 @@ class ActivationPatching(HookingContextFactory):
 
 
 def _calls(table, ref) -> int:
-    count = calls(table, ref.name)
+    count = table.calls(ref.name)
     if not count:
         raise never_called(ref.key, "it cannot be patched")
     return count

@@ -19,22 +19,15 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
 from tdhook_fx.compiler.capture import join_keys
-from tdhook_fx.methods.context import HookingContextFactory
+from tdhook_fx.methods.context import HookingContextFactory, OnePassMethod
+from tdhook_fx.methods.interface import never_called
 from tdhook_fx.methods.paths import refer
-from tdhook_fx.methods.programs import (
-    ProgramBuilder,
-    add_read,
-    add_replace,
-    calls,
-    dsl_site,
-    execute,
-    never_called,
-    sites_for,
-)
+from tdhook_fx.methods.programs import ProgramBuilder
+from tdhook_fx.methods.reads import add_read, add_replace, dsl_site
 from tdhook_fx.syntax import ast
 
 
-class SteeringVectors(HookingContextFactory):
+class SteeringVectors(OnePassMethod):
     """Replace each module's output by `steer_fn(module_key=path, output=output)`."""
 
     def __init__(self, modules_to_steer: list[str], steer_fn: Callable):
@@ -42,7 +35,7 @@ class SteeringVectors(HookingContextFactory):
         self._modules_to_steer = list(modules_to_steer)
         self._steer_fn = steer_fn
 
-    def _build(self, hooked, builder, table, td):
+    def build(self, hooked, builder, table, td):
         interface = hooked.interface
         for path in self._modules_to_steer:
             ref = refer(interface.root, interface.model, path)
@@ -50,7 +43,7 @@ class SteeringVectors(HookingContextFactory):
             def steer(output, _key=path):
                 return self._steer_fn(module_key=_key, output=output)
 
-            for call in range(calls(table, ref.name)):
+            for call in range(table.calls(ref.name)):
                 add_replace(builder, table, path, ref.name, call, steer, prefix="steer_fn")
 
 
@@ -76,7 +69,7 @@ class ActivationAddition(HookingContextFactory):
         self._steer_key = steer_key
         self._cache_callback = cache_callback
 
-    def _forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
+    def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         interface = hooked.interface
         refs = [refer(interface.root, interface.model, path) for path in self._modules_to_steer]
         activations = {}
@@ -87,7 +80,7 @@ class ActivationAddition(HookingContextFactory):
                 f"the {role} examples that ActivationAddition contrasts",
                 f"put the {role} inputs at td[{join_keys(group, interface.in_keys[0])!r}]",
             )
-            table = sites_for(interface, inputs)
+            table = hooked.sites(inputs)
             builder = ProgramBuilder()
             reads = []
             for ref in refs:
@@ -99,8 +92,7 @@ class ActivationAddition(HookingContextFactory):
                 reads.append(read)
             last = max(reads, key=lambda r: r.order)
             builder.add(ast.Stop(dsl_site(table, next(s for s in last.sites if s.order == last.order))))
-            result = execute(interface, builder, inputs, source="ActivationAddition program")
-            hooked._set_compiled(result.compiled)
+            result = hooked.execute(builder, inputs)
             activations[role] = [read.tensor(result.saved, "a steering vector") for read in reads]
         dims = tuple(range(td.batch_dims))  # the mean over the TensorDict's batch dims, as tdhook
         vectors = {

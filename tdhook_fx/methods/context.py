@@ -1,39 +1,53 @@
-"""`prepare(model)` contexts: a method bound to a model, active inside a `with` block.
+"""The one method framework: a method is a `HookingContextFactory`; `prepare(model)` binds it.
 
 As in tdhook, `Method(...).prepare(model, in_keys, out_keys)` returns a `HookingContext`;
 entering it gives the `HookedModule`, which may only be called inside the block. Nothing is
-installed on the model: on enter a method only computes what its program needs (pruning
-masks, probes), and on exit nothing needs removing, since a compiled program never mutates
+installed on the model: on enter a method only computes what its programs need (pruning
+masks, probes), and on exit nothing needs removing, since a compiled program never changes
 the model.
 
-A method subclasses `HookingContextFactory` and implements one of:
-- `_build(hooked, builder, table, td)`: add statements for one pass of the model (optionally
-  returning `finish(result, td)`, called after the run), or
-- `_forward(hooked, td)`: a forward of its own (several passes, other input groups);
-plus `_enter(hooked)` / `_exit(hooked)` where it has per-context state.
+The protocol every method implements (and nothing else is looked up on a method):
+
+- `forward(hooked, td)`: what `hooked(td)` does while the method is active. A method that
+  needs several passes of the model (patching, attribution) writes it with
+  `hooked.execute(builder, inputs)`, which compiles (once per program text and input
+  signature, see `methods.programs`) and runs a program.
+- `OnePassMethod.build(hooked, builder, table, td)`: a method whose work is statements added
+  to one pass of the model. It may return a function called with the result after the pass.
+  Only such methods can take part in `hooked.run(...)` blocks.
+- `hooked_keys(interface)`: the hooked module's `in_keys` and `out_keys`;
+  `check(interface)`: refuse keys that cannot work, at `prepare`;
+  `enter(hooked)` / `exit(hooked)`: per-context state.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import contextmanager
+from typing import ClassVar
 
 from tensordict import TensorDict, TensorDictBase
 from torch import nn
 
+from tdhook_fx.compiler.capture.sites import SiteTable
+from tdhook_fx.errors import InvalidArgument, MethodUsageError
 from tdhook_fx.methods.hooked import HookedModule
-from tdhook_fx.methods.programs import MethodUsageError
+from tdhook_fx.methods.interface import ModelInterface
+from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult
+
+Finish = Callable[[ProgramResult, TensorDictBase], None]
 
 
 class HookingContext:
     """A method bound to a model; `with context as hooked:` activates it."""
 
-    def __init__(
-        self, factory: HookingContextFactory, module: nn.Module, in_keys=None, out_keys=None, **kwargs
-    ):
+    def __init__(self, factory: HookingContextFactory, module: nn.Module, in_keys=None, out_keys=None):
         self._factory = factory
         self._hooked = factory._hooked_module_class(
             module, in_keys, out_keys, hooking_context=self, method=factory, **factory._hooked_module_kwargs
         )
+        factory.check(self._hooked.interface)
         self._active = False
         self._disabled = False
 
@@ -55,7 +69,7 @@ class HookingContext:
         self._active = True
         try:
             self._on_enter()
-            self._factory._enter(self._hooked)
+            self._factory.enter(self._hooked)
         except BaseException:
             self._active = False
             raise
@@ -63,7 +77,7 @@ class HookingContext:
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
         try:
-            self._factory._exit(self._hooked)
+            self._factory.exit(self._hooked)
         finally:
             self._active = False
         return False
@@ -89,15 +103,7 @@ class HookingContext:
 class HookingContextWithCache(HookingContext):
     """A context with a TensorDict cache, cleared on each enter unless `clear_cache=False`."""
 
-    def __init__(
-        self,
-        factory,
-        module,
-        in_keys=None,
-        out_keys=None,
-        cache: TensorDictBase | None = None,
-        clear_cache: bool = True,
-    ):
+    def __init__(self, factory, module, in_keys=None, out_keys=None, cache: TensorDictBase | None = None, clear_cache: bool = True):
         super().__init__(factory, module, in_keys, out_keys)
         self._cache = TensorDict() if cache is None else cache
         self._clear_cache = clear_cache
@@ -112,11 +118,12 @@ class HookingContextWithCache(HookingContext):
                 del self._cache[key]
 
 
-class HookingContextFactory:
-    """Base of every method: `prepare(model, in_keys=None, out_keys=None)` -> a context."""
+class HookingContextFactory(ABC):
+    """Base of every method: `prepare(model, in_keys=None, out_keys=None)` -> a `HookingContext`."""
 
-    _hooking_context_class = HookingContext
-    _hooked_module_class = HookedModule
+    _hooking_context_class: ClassVar[type[HookingContext]] = HookingContext
+    _hooked_module_class: ClassVar[type[HookedModule]] = HookedModule
+    single_pass: ClassVar[bool] = False  # True: the method's work is statements of one pass (`build`)
 
     def __init__(self):
         self._hooking_context_kwargs: dict = {}
@@ -126,8 +133,53 @@ class HookingContextFactory:
         """Bind this method to `module`; `in_keys` may be `{kwarg: td_key}` to pass keywords."""
         return self._hooking_context_class(self, module, in_keys, out_keys, **self._hooking_context_kwargs)
 
-    def _enter(self, hooked: HookedModule) -> None:
-        pass
+    # ---- the protocol -----------------------------------------------------------------------
 
-    def _exit(self, hooked: HookedModule) -> None:
-        pass
+    @abstractmethod
+    def forward(self, hooked: HookedModule, td: TensorDictBase) -> TensorDictBase:
+        """What `hooked(td)` does while the method is active."""
+
+    def hooked_keys(self, interface: ModelInterface) -> tuple[list, list]:
+        """The hooked module's in_keys and out_keys: what a call reads from and writes to the TensorDict."""
+        return list(interface.in_keys), list(interface.out_keys)
+
+    def check(self, interface: ModelInterface) -> None:
+        """Refuse, at `prepare`, keys this method cannot work with (raise a TdhookFxError)."""
+
+    def enter(self, hooked: HookedModule) -> None:
+        """Called when the context is entered (per-context state: masks, probes, matched modules)."""
+
+    def exit(self, hooked: HookedModule) -> None:
+        """Called when the context is left."""
+
+
+class OnePassMethod(HookingContextFactory):
+    """A method whose work is statements added to one compiled pass of the model."""
+
+    single_pass: ClassVar[bool] = True
+
+    @abstractmethod
+    def build(self, hooked: HookedModule, builder: ProgramBuilder, table: SiteTable, td: TensorDictBase) -> Finish | None:
+        """Add this method's statements for one pass on `td`; may return `finish(result, td)`."""
+
+    def forward(self, hooked: HookedModule, td: TensorDictBase) -> TensorDictBase:
+        return hooked.single_pass(td)
+
+
+class NoMethod(OnePassMethod):
+    """The model as it is: what `prepare(model)` binds (for `run()` blocks)."""
+
+    def build(self, hooked, builder, table, td) -> None:
+        return None
+
+
+def prepare(model: nn.Module, in_keys=None, out_keys=None) -> HookingContext:
+    """A context around `model` with no method: `with prepare(model) as hooked: hooked.run(td)`."""
+    return NoMethod().prepare(model, in_keys, out_keys)
+
+
+def check_no_overlap(keys, taken, message: str) -> None:
+    """Refuse keys that collide with the model's own (e.g. extra keys named like an input)."""
+    plain = {k[0] if isinstance(k, tuple) and len(k) == 1 else k for k in taken}
+    if any((k[0] if isinstance(k, tuple) and len(k) == 1 else k) in plain for k in keys):
+        raise InvalidArgument(message)

@@ -31,8 +31,8 @@ import torch
 from torch import fx
 
 from tdhook_fx.compiler.capture.taps import is_tap
-from tdhook_fx.errors import TdhookFxError
 from tdhook_fx.compiler.graphs import mutates, needed_nodes
+from tdhook_fx.errors import TdhookFxError
 
 
 @dataclass(frozen=True)

@@ -32,12 +32,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from tdhook_fx.compiler.capture import capture, join_keys, key_name
-from tdhook_fx.compiler.capture.sites import SiteInfo
-from tdhook_fx.errors import BindingError, TdhookFxError
-from tdhook_fx.perf.split import Cut, cut
 from tdhook_fx.compiler.capture.call_plan import example_inputs
+from tdhook_fx.compiler.capture.sites import SiteInfo
 from tdhook_fx.compiler.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 from tdhook_fx.compiler.resolve import DEFAULT_PATCH_SOURCE, match_sites
+from tdhook_fx.errors import BindingError, TdhookFxError
+from tdhook_fx.perf.split import Cut, cut
 
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes for one batched chunk of patched runs
 PROGRESS_DELAY_SECONDS = 2.0

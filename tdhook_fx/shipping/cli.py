@@ -188,7 +188,7 @@ def export_command(args) -> int:
     cm.bind(**runtime_values(cm, args.values))
     out = Path(args.out)
     if out.suffix == ".pt2":
-        from tdhook_fx.shipping.export import inspect_export
+        from tdhook_fx.shipping.audit import inspect_export
 
         print(cm.export(out))
         print(str(inspect_export(out)).splitlines()[0])
@@ -216,12 +216,12 @@ def inspect_command(args) -> int:
     if not path.is_file():
         raise CommandLineError(f"no such file: {path}")
     if path.suffix == ".pt2":
-        from tdhook_fx.shipping.export import inspect_export
+        from tdhook_fx.shipping.audit import inspect_export
 
         report = inspect_export(path)
         print(report)
         return 0 if report.safe else USER_ERROR
-    from tdhook_fx.shipping.io import read_manifest
+    from tdhook_fx.shipping.load import read_manifest
 
     manifest = read_manifest(path)
     capture = manifest["capture"]

@@ -24,9 +24,9 @@ import networkx as nx
 from torch import fx
 
 from tdhook_fx.compiler.capture import key_name
-from tdhook_fx.errors import ExportError
 from tdhook_fx.compiler.graphs import natural_order, readable
 from tdhook_fx.compiler.passes.meta import INSERTED, SITE
+from tdhook_fx.errors import ExportError
 
 MAX_BOXES = 40
 FORMATS = (".svg", ".html", ".dot")

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Union
 
 from tdhook_fx.errors import Span
+from tdhook_fx.syntax.unparse import unparse
 
 
 def _span():
@@ -22,8 +23,6 @@ class Node:
     span: Span | None
 
     def __str__(self) -> str:
-        from tdhook_fx.syntax.unparse import unparse
-
         return unparse(self)
 
 

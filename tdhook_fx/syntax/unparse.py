@@ -1,11 +1,15 @@
-"""Canonical DSL text of an AST node: `parse(unparse(p)) == p` for every parsed program."""
+"""Canonical DSL text of an AST node: `parse(unparse(p)) == p` for every parsed program.
+
+`str(node)` calls `unparse`. The printers are found by the node's class name, so this module
+needs nothing from `tdhook_fx.syntax.ast` (which imports it): the AST and its printer do not
+import each other.
+"""
 
 from __future__ import annotations
 
 import re
-from functools import singledispatch
+from collections.abc import Callable
 
-from tdhook_fx.syntax import ast
 from tdhook_fx.errors import InvalidArgumentType
 
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
@@ -14,61 +18,80 @@ _HEAD_KEYWORDS = {"grad"}
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
-@singledispatch
+_PRINTERS: dict[str, Callable] = {}
+
+
 def unparse(node) -> str:
-    raise InvalidArgumentType(f"not an AST node: {node!r}")
+    """The canonical DSL text of an AST node."""
+    printer = _PRINTERS.get(type(node).__name__)
+    if printer is None or not type(node).__module__.startswith("tdhook_fx.syntax"):
+        raise InvalidArgumentType(f"not an AST node: {node!r}")
+    return printer(node)
 
 
-@unparse.register
-def _(node: ast.Program) -> str:
+def _prints(*names: str):
+    def register(function):
+        for name in names:
+            _PRINTERS[name] = function
+        return function
+
+    return register
+
+
+def _is(node, name: str) -> bool:
+    return type(node).__name__ == name
+
+
+@_prints("Program")
+def _(node) -> str:
     return "\n".join(unparse(s) for s in node.statements)
 
 
-@unparse.register
-def _(node: ast.Save) -> str:
+@_prints("Save")
+def _(node) -> str:
     grad = "grad " if node.grad else ""
     name = f" as {node.name}" if node.name is not None else ""
     return f"save {grad}{unparse(node.site)}{name}"
 
 
-@unparse.register
-def _(node: ast.Set) -> str:
+@_prints("Set")
+def _(node) -> str:
     grad = "grad " if node.grad else ""
     return f"set {grad}{unparse(node.site)} = {unparse(node.value)}"
 
 
-@unparse.register
-def _(node: ast.Patch) -> str:
+@_prints("Patch")
+def _(node) -> str:
     source = f" from {node.source}" if node.source is not None else ""
     function = f" with {unparse(node.function)}" if node.function is not None else ""
     return f"patch {unparse(node.site)}{source}{function}"
 
 
-@unparse.register
-def _(node: ast.Steer) -> str:
+@_prints("Steer")
+def _(node) -> str:
     return f"steer {unparse(node.site)} {node.op} {unparse(node.value)}"
 
 
-@unparse.register
-def _(node: ast.Prune) -> str:
+@_prints("Prune")
+def _(node) -> str:
     text = f"prune {unparse(node.param)} {unparse(node.amount)}"
-    if not isinstance(node.criterion, ast.Magnitude):
+    if not _is(node.criterion, "Magnitude"):
         text += f" by {unparse(node.criterion)}"
     if node.dim is not None:
         text += f" along {node.dim}"
     return text
 
 
-@unparse.register
-def _(node: ast.Stop) -> str:
+@_prints("Stop")
+def _(node) -> str:
     return f"stop {unparse(node.site)}"
 
 
 # ---- sites ----------------------------------------------------------------------------------
 
 
-@unparse.register
-def _(node: ast.Site) -> str:
+@_prints("Site")
+def _(node) -> str:
     text = unparse(node.path)
     if node.call is not None:
         text += f"@{node.call}"
@@ -79,26 +102,26 @@ def _(node: ast.Site) -> str:
     return text
 
 
-@unparse.register
-def _(node: ast.Port) -> str:
+@_prints("Port")
+def _(node) -> str:
     return f":{node.kind}" + (f".{node.item}" if node.item is not None else "")
 
 
-@unparse.register
-def _(node: ast.RegexPath) -> str:
+@_prints("RegexPath")
+def _(node) -> str:
     return f"/{node.pattern}/"
 
 
-@unparse.register
-def _(node: ast.Path) -> str:
+@_prints("Path")
+def _(node) -> str:
     parts = []
     for position, segment in enumerate(node.segments):
-        if isinstance(segment, ast.Index):
+        if _is(segment, "Index"):
             parts.append(unparse(segment))
             continue
         if position > 0:
             parts.append(".")
-        if isinstance(segment, ast.Attr):
+        if _is(segment, "Attr"):
             parts.append(_name(segment.name, head=position == 0))
         else:
             parts.append(unparse(segment))
@@ -110,101 +133,101 @@ def _name(name: str, head: bool = False) -> str:
     return name if plain else f"<{name}>"
 
 
-@unparse.register
-def _(node: ast.AnyAttr) -> str:
+@_prints("AnyAttr")
+def _(node) -> str:
     return "*"
 
 
-@unparse.register
-def _(node: ast.AttrSet) -> str:
+@_prints("AttrSet")
+def _(node) -> str:
     return "{" + ",".join(_name(n) for n in node.names) + "}"
 
 
-@unparse.register
-def _(node: ast.Index) -> str:
+@_prints("Index")
+def _(node) -> str:
     return "[" + ", ".join(unparse(e) for e in node.entries) + "]"
 
 
-@unparse.register
-def _(node: ast.IntEntry) -> str:
+@_prints("IntEntry")
+def _(node) -> str:
     return str(node.value)
 
 
-@unparse.register
-def _(node: ast.Slice) -> str:
+@_prints("Slice")
+def _(node) -> str:
     def bound(b):
-        return "" if b is None else unparse(b) if isinstance(b, ast.Var) else str(b)
+        return "" if b is None else unparse(b) if _is(b, "Var") else str(b)
 
     text = f"{bound(node.start)}:{bound(node.stop)}"
     return text + (f":{bound(node.step)}" if node.step is not None else "")
 
 
-@unparse.register
-def _(node: ast.EllipsisEntry) -> str:
+@_prints("EllipsisEntry")
+def _(node) -> str:
     return "..."
 
 
-@unparse.register
-def _(node: ast.AllEntry) -> str:
+@_prints("AllEntry")
+def _(node) -> str:
     return "*"
 
 
-@unparse.register
-def _(node: ast.SetEntry) -> str:
+@_prints("SetEntry")
+def _(node) -> str:
     return "{" + ",".join(str(v) for v in node.values) + "}"
 
 
 # ---- expressions ----------------------------------------------------------------------------
 
 
-@unparse.register
-def _(node: ast.Number) -> str:
+@_prints("Number")
+def _(node) -> str:
     return repr(node.value)
 
 
-@unparse.register
-def _(node: ast.Var) -> str:
+@_prints("Var")
+def _(node) -> str:
     return f"${node.name}"
 
 
-@unparse.register
-def _(node: ast.Saved) -> str:
+@_prints("Saved")
+def _(node) -> str:
     return f"@{node.name}"
 
 
-@unparse.register
-def _(node: ast.Zeros) -> str:
+@_prints("Zeros")
+def _(node) -> str:
     return "zeros"
 
 
-@unparse.register
-def _(node: ast.Mean) -> str:
+@_prints("Mean")
+def _(node) -> str:
     return "mean"
 
 
-@unparse.register
-def _(node: ast.SiteValue) -> str:
+@_prints("SiteValue")
+def _(node) -> str:
     return "value"
 
 
-@unparse.register
-def _(node: ast.Call) -> str:
+@_prints("Call")
+def _(node) -> str:
     return f"{unparse(node.function)}(" + ", ".join(unparse(a) for a in node.args) + ")"
 
 
-@unparse.register
-def _(node: ast.Neg) -> str:
+@_prints("Neg")
+def _(node) -> str:
     operand = unparse(node.operand)
-    return f"-({operand})" if isinstance(node.operand, ast.BinOp) else f"-{operand}"
+    return f"-({operand})" if _is(node.operand, "BinOp") else f"-{operand}"
 
 
-@unparse.register
-def _(node: ast.BinOp) -> str:
+@_prints("BinOp")
+def _(node) -> str:
     precedence = _PRECEDENCE[node.op]
 
     def side(child, right):
         text = unparse(child)
-        if isinstance(child, ast.BinOp):
+        if _is(child, "BinOp"):
             inner = _PRECEDENCE[child.op]
             if inner < precedence or (right and inner == precedence):
                 return f"({text})"
@@ -216,21 +239,21 @@ def _(node: ast.BinOp) -> str:
 # ---- pruning --------------------------------------------------------------------------------
 
 
-@unparse.register
-def _(node: ast.Amount) -> str:
+@_prints("Amount")
+def _(node) -> str:
     return f"{node.value!r}%" if node.percent else str(node.value)
 
 
-@unparse.register
-def _(node: ast.Magnitude) -> str:
+@_prints("Magnitude")
+def _(node) -> str:
     return "magnitude"
 
 
-@unparse.register
-def _(node: ast.Random) -> str:
+@_prints("Random")
+def _(node) -> str:
     return "random" if node.seed is None else f"random({node.seed})"
 
 
-@unparse.register
-def _(node: ast.Importance) -> str:
+@_prints("Importance")
+def _(node) -> str:
     return unparse(node.var)

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from tensordict import TensorDictBase
 from torch import nn
 
-from tdhook_fx.methods.context import HookingContextFactory, HookingContextWithCache
-from tdhook_fx.errors import TdhookFxError
-from tdhook_fx.methods.hooked import HookedModule, accepted_kwargs
+from tdhook_fx.errors import MethodUsageError, TdhookFxError
+from tdhook_fx.methods.context import HookingContextWithCache, OnePassMethod
+from tdhook_fx.methods.hooked import HookedModule
 from tdhook_fx.methods.paths import refer
-from tdhook_fx.methods.programs import MethodUsageError, add_replace, calls, dsl_site, ports
+from tdhook_fx.methods.reads import add_replace, dsl_site, ports, save_inputs
 from tdhook_fx.syntax import ast
 
 
@@ -32,7 +32,7 @@ class HookedModuleWithAdapters(HookedModule):
         self.adapters = nn.ModuleDict(adapters)
 
 
-class Adapters(HookingContextFactory):
+class Adapters(OnePassMethod):
     """Replace target outputs by adapter modules applied to source outputs."""
 
     _hooked_module_class = HookedModuleWithAdapters
@@ -56,7 +56,7 @@ class Adapters(HookingContextFactory):
         self._cache_callback = cache_callback
         self._relative = relative
 
-    def _build(self, hooked, builder, table, td):
+    def build(self, hooked, builder, table, td):
         interface = hooked.interface
         base = interface.base(self._relative)
         to_cache = []
@@ -64,7 +64,7 @@ class Adapters(HookingContextFactory):
             adapter = hooked.adapters[adapter_name]
             source_ref = refer(base, interface.model, source)
             target_ref = refer(base, interface.model, target)
-            for call in range(calls(table, target_ref.name)):
+            for call in range(table.calls(target_ref.name)):
                 if source == target:
                     self._same_site(builder, table, adapter, target_ref, call)
                 else:
@@ -81,7 +81,7 @@ class Adapters(HookingContextFactory):
     def _same_site(self, builder, table, adapter, ref, call) -> None:
         module = ref.module
         wanted = _needs_args(adapter)
-        arguments = _saved_inputs(builder, table, ref.name, call) if wanted else []
+        arguments = save_inputs(builder, table, ref.name, call) if wanted else []
 
         def apply(output, *args):
             offered = {"module": module, "args": tuple(args), "direction": "fwd"}
@@ -93,7 +93,7 @@ class Adapters(HookingContextFactory):
         target_order = min(s.order for s in ports(table, target_ref.name, "out", call))
         source_calls = [
             c
-            for c in range(calls(table, source_ref.name))
+            for c in range(table.calls(source_ref.name))
             if max(s.order for s in ports(table, source_ref.name, "out", c)) < target_order
         ]
         if not source_calls:
@@ -110,7 +110,7 @@ class Adapters(HookingContextFactory):
         saved_name = builder.save(dsl_site(table, source_sites[0]), "adapter_source")
         arguments = [ast.Saved(saved_name)]
         if self._cache_callback is not None or _needs_args(adapter):
-            arguments += _saved_inputs(builder, table, target_ref.name, call)
+            arguments += save_inputs(builder, table, target_ref.name, call)
         holder: dict = {}
         cache_key = f"{source_ref.key}_output"
         source_module, module, callback = source_ref.module, target_ref.module, self._cache_callback
@@ -136,5 +136,11 @@ def _needs_args(adapter) -> bool:
     return "args" in parameters or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
-def _saved_inputs(builder, table, name: str, call: int) -> list:
-    return [ast.Saved(builder.save(dsl_site(table, s), "args")) for s in ports(table, name, "in", call)]
+
+def accepted_kwargs(function: Callable, offered: dict) -> dict:
+    """The entries of `offered` that `function` accepts by name (all of them with **kwargs)."""
+    target = function.forward if isinstance(function, nn.Module) else function
+    parameters = inspect.signature(target).parameters
+    if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return dict(offered)
+    return {k: v for k, v in offered.items() if k in parameters}

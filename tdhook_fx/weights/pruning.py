@@ -18,13 +18,13 @@ from tensordict.nn import TensorDictModule
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
-from tdhook_fx.methods.context import HookingContextFactory
+from tdhook_fx.errors import InvalidArgument
+from tdhook_fx.methods.context import OnePassMethod
 from tdhook_fx.methods.paths import dsl_path, module_names, resolve_submodule
-from tdhook_fx.methods.programs import calls
 from tdhook_fx.syntax import ast
 
 
-class Pruning(HookingContextFactory):
+class Pruning(OnePassMethod):
     """Prune by importance, globally (`amount_to_prune`) or per module (`modules_to_prune`)."""
 
     def __init__(
@@ -36,7 +36,7 @@ class Pruning(HookingContextFactory):
         relative_path: str | None = None,
     ):
         if amount_to_prune is None and modules_to_prune is None:
-            raise ValueError("`amount_to_prune` is required for global pruning")
+            raise InvalidArgument("`amount_to_prune` is required for global pruning")
         super().__init__()
         self._importance_callback = importance_callback
         self._amount_to_prune = amount_to_prune
@@ -51,12 +51,12 @@ class Pruning(HookingContextFactory):
         """The masks of the active context, by parameter name (1 keeps a weight, 0 prunes it)."""
         return dict(self._masks)
 
-    def _enter(self, hooked) -> None:
+    def enter(self, hooked) -> None:
         interface = hooked.interface
         root = resolve_submodule(interface.root, self._relative_path)
         names = module_names(interface.model)
         if id(root) not in names:
-            raise ValueError(f"relative_path {self._relative_path!r} names a module outside the model")
+            raise InvalidArgument(f"relative_path {self._relative_path!r} names a module outside the model")
         prefix = names[id(root)]
         with torch.no_grad():
             if self._modules_to_prune is None:
@@ -66,7 +66,7 @@ class Pruning(HookingContextFactory):
         self._masks = {_join(prefix, module, parameter): mask for (module, parameter), mask in masks.items()}
         self._pruned = {name: int((mask == 0).sum()) for name, mask in self._masks.items()}  # counted once
 
-    def _exit(self, hooked) -> None:
+    def exit(self, hooked) -> None:
         self._masks, self._pruned = {}, {}
 
     def _global_masks(self, root: nn.Module) -> dict:
@@ -110,11 +110,11 @@ class Pruning(HookingContextFactory):
                 )
         return masks
 
-    def _build(self, hooked, builder, table, td):
+    def build(self, hooked, builder, table, td):
         for name, mask in self._masks.items():
             pruned = self._pruned[name]
             module = name.rpartition(".")[0]
-            if not pruned or not calls(table, module):
+            if not pruned or not table.calls(module):
                 continue  # nothing to zero, or a module the model never calls (its weights do nothing)
             scores = builder.var("prune_mask", mask)
             builder.add(ast.Prune(dsl_path(name), ast.Amount(pruned, False), ast.Importance(scores)))

@@ -14,6 +14,8 @@ from tdhook_fx.attribution import (
     IntegratedGradients,
     Saliency,
 )
+from tdhook_fx.methods.programs import PROGRAMS
+from tdhook_fx import zoo
 from tests.attribution.models import attribute, first_output, inputs, mlp
 
 
@@ -52,18 +54,47 @@ def test_no_hook_is_installed_and_the_inputs_are_left_alone(model, td):
     assert set(td.keys(include_nested=True, leaves_only=True)) == {"input", ("attr", "input"), ("attr", "2")}
 
 
-def test_the_program_is_compiled_once_per_input_signature(model, td):
-    with Saliency(init_attr_targets=first_output).prepare(model) as hooked:
+def test_the_program_is_compiled_once_per_input_signature(td):
+    with Saliency(init_attr_targets=first_output).prepare(mlp()) as hooked:  # a model no other test compiled
+        before = PROGRAMS.compilations
         hooked(td)
-        hooked(TensorDict({"input": torch.randn(9, 6)}, batch_size=[9]))
-        assert len(hooked._compiled) == 1
+        hooked(td.clone())
+        assert PROGRAMS.compilations == before + 1
+        hooked(TensorDict({"input": torch.randn(9, 6)}, batch_size=[9]))  # another shape: compiled again
+        assert PROGRAMS.compilations == before + 2
+
+
+def test_a_change_of_training_mode_is_followed():
+    # Saliency once kept its own cache keyed on dtypes only, and kept running the eval graph (no
+    # dropout) after model.train(); every method now compiles through one cache keyed on the mode too.
+    sample = zoo.gpt2(n_layer=1, n_embd=16, n_head=2, batch=2, seq=5)
+    model, td = sample.model, sample.example
+    embeds = model.transformer.wte(td["input_ids"]).detach()
+    td = TensorDict(embeds=embeds, batch_size=[2])
+
+    def target(outputs, _):
+        return TensorDict(t=outputs["logits"][:, -1, 0], batch_size=outputs.batch_size)
+
+    method = Saliency(init_attr_targets=target)
+    with method.prepare(model, in_keys={"inputs_embeds": "embeds"}, out_keys=["logits"]) as hooked:
+        plain = hooked(td.clone())["attr", "embeds"]
+        model.train()
+        torch.manual_seed(1)
+        first = hooked(td.clone())["attr", "embeds"]
+        torch.manual_seed(2)
+        second = hooked(td.clone())["attr", "embeds"]
+        model.eval()
+        again = hooked(td.clone())["attr", "embeds"]
+    assert hooked.compiled is not None and not torch.equal(first, second)  # dropout draws differ
+    assert not torch.allclose(first, plain)
+    torch.testing.assert_close(again, plain)
 
 
 def test_guided_backpropagation_clamps_every_module_input_in_its_program(model, td):
     with GuidedBackpropagation(init_attr_targets=first_output).prepare(model) as hooked:
         hooked(td)
-        (compiled,) = hooked._compiled.values()
-    assert compiled.program.splitlines() == [f"set grad {i}:in.input = $relu(value)" for i in range(5)]
+        program = hooked.program
+    assert program.splitlines() == [f"set grad {i}:in.input = $relu_0(value)" for i in range(5)]
     assert (td["attr", "input"] >= 0).all()
 
 
@@ -71,7 +102,7 @@ def test_activation_maximisation_computes_the_model_only_up_to_its_targets(model
     maximise = ActivationMaximisation(["2"], n_steps=2, init_attr_targets=lambda t, _: TensorDict(o=t["2"][..., 0], batch_size=t.batch_size))
     with maximise.prepare(model) as hooked:
         hooked(td)
-        (compiled,) = hooked._compiled.values()
+        compiled = hooked.compiled
     assert compiled.program.splitlines() == ["save 2 as target_0", "stop 2"]
     assert "model.4" not in compiled.code  # the last layer is not computed
 

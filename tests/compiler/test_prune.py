@@ -58,3 +58,14 @@ def test_pruning_a_whole_module_call_uses_its_other_parameters():
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU()).eval()
     example = TensorDict(input=torch.randn(2, 2, 5, 5), batch_size=[2])
     assert_equivalent(model, "prune 0.weight 40%\nprune 0.bias 1\nsave 0", example)
+
+
+def test_the_reference_leaves_the_parameter_order_unchanged(samples):
+    # It once put a pruned parameter back at the end of `_parameters`: a model shared by the
+    # session then had another parameter order, and a later golden-code test printed other code.
+    from tdhook_fx import reference
+
+    sample = samples("mlp")
+    before = [name for name, _ in sample.model.named_parameters()]
+    reference.run(sample.model, "prune 0.weight 50%\nprune 2.bias 1", sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    assert [name for name, _ in sample.model.named_parameters()] == before

@@ -7,8 +7,7 @@ import torch
 from tdhook import latent as tdhook_latent
 
 from tdhook_fx import latent
-from tdhook_fx.methods.paths import UnknownModulePath
-from tdhook_fx.methods.programs import TdhookFxError
+from tdhook_fx.errors import TdhookFxError, UnknownModulePath
 from tests.methods.helpers import assert_same_tensordict, run_both
 
 

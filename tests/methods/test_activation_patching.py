@@ -8,8 +8,7 @@ from tdhook import latent as tdhook_latent
 from torch import nn
 
 from tdhook_fx import latent
-from tdhook_fx.latent.activation_patching import PatchShapeError
-from tdhook_fx.methods.programs import MissingInputKey
+from tdhook_fx.errors import MissingInputKey, PatchShapeError
 from tdhook_fx.zoo import Sample
 from tests.methods.helpers import assert_same_tensordict, run_both, with_group
 

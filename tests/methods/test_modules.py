@@ -20,9 +20,9 @@ from hypothesis import given, reject
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
-from tdhook_fx.methods.hooked import CacheProxy, HookedModule, prepare
-from tdhook_fx.methods.paths import UnknownModulePath
+from tdhook_fx.errors import UnknownModulePath
 from tdhook_fx.methods.programs import PROGRAMS
+from tdhook_fx.modules import CacheProxy, HookedModule, prepare
 
 KINDS = ["save", "get", "set", "save_input", "get_input", "set_input", "stop"]
 GRAD_KINDS = ["save_grad", "get_grad", "set_grad", "save_grad_output", "get_grad_output", "set_grad_output"]

@@ -10,9 +10,8 @@ from tdhook.latent import probing as tdhook_probing
 from tensordict import TensorDict
 from torch import nn
 
+from tdhook_fx.errors import MissingInputKey, ProbingError
 from tdhook_fx.latent import probing
-from tdhook_fx.latent.probing import ProbingError
-from tdhook_fx.methods.programs import MissingInputKey
 
 
 def accuracy(predictions, labels):

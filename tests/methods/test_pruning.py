@@ -7,7 +7,7 @@ import torch
 from tdhook import weights as tdhook_weights
 
 from tdhook_fx import weights
-from tdhook_fx.methods.paths import UnknownModulePath
+from tdhook_fx.errors import UnknownModulePath
 from tests.methods.helpers import assert_same_tensordict, run_both
 
 

@@ -7,8 +7,8 @@ from html.parser import HTMLParser
 import pytest
 
 import tdhook_fx
-from tdhook_fx.shipping import draw
 from tdhook_fx import zoo as builtin_zoo
+from tdhook_fx.shipping import draw
 
 STEER = "save transformer.h[*].mlp\nsteer transformer.h[1].mlp += $alpha * $v\nprune transformer.h[0].mlp.c_fc.weight 50%"
 SVG = "{http://www.w3.org/2000/svg}"

@@ -9,7 +9,7 @@ import torch
 
 import tdhook_fx
 from tdhook_fx import zoo as builtin_zoo
-from tdhook_fx.shipping.io import read_manifest
+from tdhook_fx.shipping.load import read_manifest
 from tests import zoo
 from tests.shipping.payloads import pickled, run_in_subprocess
 from tests.shipping.programs import PROGRAMS, call_inputs

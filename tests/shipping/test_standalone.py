@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tdhook_fx
-from tdhook_fx.shipping import export as standalone
 from tdhook_fx import zoo as builtin_zoo
+from tdhook_fx.shipping import audit
 from tests.shipping.payloads import pickled, run_in_subprocess
 
 FRESH = Path(__file__).with_name("fresh_process.py")
@@ -330,14 +330,14 @@ def test_trusted_loads_an_archive_with_an_inert_pickle(mlp_archive, tmp_path):
 
 
 def test_the_guard_and_sympy_allowlists():
-    assert standalone._is_plain_guard("L['input_ids'].size()[0] != 64")
-    assert standalone._is_plain_guard("2 <= L['x'].size()[1] and L['x'].stride()[0] == L['x'].size()[1]")
-    assert not standalone._is_plain_guard("__import__('os').system('x') == 0")
-    assert not standalone._is_plain_guard("L['x'].__class__ == 1")
-    assert not standalone._is_plain_guard("open('f').read() == ''")
-    assert standalone._is_plain_sympy("Mul(Integer(192), Symbol('s70', positive=True, integer=True))")
-    assert standalone._is_plain_sympy("Min(Integer(64), Mul(Integer(64), Symbol('s70', positive=True, integer=True)))")
-    assert standalone._is_plain_sympy("s0*s1 + 3")
-    assert not standalone._is_plain_sympy("__import__('os').getcwd()")
-    assert not standalone._is_plain_sympy("Symbol('x').__class__")
-    assert not standalone._is_plain_sympy("exec('1')")
+    assert audit._is_plain_guard("L['input_ids'].size()[0] != 64")
+    assert audit._is_plain_guard("2 <= L['x'].size()[1] and L['x'].stride()[0] == L['x'].size()[1]")
+    assert not audit._is_plain_guard("__import__('os').system('x') == 0")
+    assert not audit._is_plain_guard("L['x'].__class__ == 1")
+    assert not audit._is_plain_guard("open('f').read() == ''")
+    assert audit._is_plain_sympy("Mul(Integer(192), Symbol('s70', positive=True, integer=True))")
+    assert audit._is_plain_sympy("Min(Integer(64), Mul(Integer(64), Symbol('s70', positive=True, integer=True)))")
+    assert audit._is_plain_sympy("s0*s1 + 3")
+    assert not audit._is_plain_sympy("__import__('os').getcwd()")
+    assert not audit._is_plain_sympy("Symbol('x').__class__")
+    assert not audit._is_plain_sympy("exec('1')")

@@ -154,11 +154,21 @@ def test_fuzz_grammar_derived_text(text):
     _only_syntax_errors(text)
 
 
-def test_parsing_survives_libraries_that_patch_every_object():
-    # nnsight 0.8 adds a `save` attribute to every object; Lark looks rule callbacks up by name.
+def test_parsing_survives_attributes_named_like_the_verbs(monkeypatch):
+    # nnsight 0.8 adds a `save` attribute to every object; Lark looks rule callbacks up by name,
+    # so a rule named like a verb would call it. The same situation, without nnsight:
+    from tdhook_fx.syntax.parse import _ToAst
+
+    for verb in ("save", "set", "patch", "steer", "prune", "stop", "grad"):
+        monkeypatch.setattr(_ToAst, verb, lambda *args: 1 / 0, raising=False)
+    assert str(tdhook_fx.parse("save x as y; set x = 1; stop x")).splitlines() == ["save x as y", "set x = 1", "stop x"]
+
+
+def test_parsing_survives_nnsight_patching_every_object():
     import subprocess
     import sys
 
+    pytest.importorskip("nnsight")  # the bench extra installs it (`make test` does)
     script = "import nnsight, tdhook_fx; print(tdhook_fx.parse('save x as y; set x = 1'))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["save x as y", "set x = 1"]

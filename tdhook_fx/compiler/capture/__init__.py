@@ -16,8 +16,8 @@ from tdhook_fx.compiler.capture import trace as trace_frontend
 from tdhook_fx.compiler.capture.call_plan import CallPlan, join_keys, key_name, model_call, plan_call
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable, build_site_table
 from tdhook_fx.compiler.capture.taps import SiteKey, Tapper
-from tdhook_fx.errors import CaptureError
 from tdhook_fx.compiler.graphs import mutates
+from tdhook_fx.errors import CaptureError
 
 FRONTENDS = ("auto", "fx", "export")
 

@@ -31,15 +31,14 @@ import operator
 import torch
 from torch import fx, nn
 
-from tdhook_fx.errors import BindingError
 from tdhook_fx.compiler.graphs import readable
 from tdhook_fx.compiler.ir import Intervention, substitute
 from tdhook_fx.compiler.passes import ops
 from tdhook_fx.compiler.passes.meta import GRAD_CHAIN, GRAD_DELTA
 from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
 from tdhook_fx.compiler.shapes import indexed_shape
+from tdhook_fx.errors import BindingError
 from tdhook_fx.syntax import ast
-
 
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from tdhook_fx.errors import BindingError
 from tdhook_fx.compiler.passes.masks import magnitude_mask
 from tdhook_fx.compiler.shapes import broadcasts_to
+from tdhook_fx.errors import BindingError
 
 
 def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:

@@ -13,13 +13,13 @@ import operator
 import torch
 from torch import fx
 
-from tdhook_fx.errors import Diagnostic, ResolutionError
+from tdhook_fx.compiler.graphs import fetch_attr, readable
 from tdhook_fx.compiler.ir import Intervention
 from tdhook_fx.compiler.passes import ops
-from tdhook_fx.compiler.passes.meta import INSERTED
-from tdhook_fx.compiler.graphs import fetch_attr, readable
-from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
 from tdhook_fx.compiler.passes.masks import magnitude_mask, random_mask
+from tdhook_fx.compiler.passes.meta import INSERTED
+from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
+from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.syntax import ast
 
 

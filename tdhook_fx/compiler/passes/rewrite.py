@@ -14,13 +14,13 @@ from torch import fx
 
 from tdhook_fx.compiler.capture import Capture
 from tdhook_fx.compiler.capture.taps import is_tap
-from tdhook_fx.compiler.ir import ResolvedProgram
 from tdhook_fx.compiler.graphs import fetch_attr, is_impure, readable
-from tdhook_fx.compiler.passes.meta import INSERTED, SITE
-from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
+from tdhook_fx.compiler.ir import ResolvedProgram
 from tdhook_fx.compiler.passes.grad import insert_save_grad, insert_set_grad, move_grad_inputs_last
+from tdhook_fx.compiler.passes.meta import INSERTED, SITE
 from tdhook_fx.compiler.passes.patch import insert_patch
 from tdhook_fx.compiler.passes.prune import insert_prune
+from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
 from tdhook_fx.compiler.passes.save import insert_save
 from tdhook_fx.compiler.passes.set_value import insert_set
 from tdhook_fx.compiler.passes.steer import insert_steer

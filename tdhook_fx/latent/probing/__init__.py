@@ -1,6 +1,5 @@
 """Probing: probes on model representations, fed by one compiled pass."""
 
-from tdhook_fx.latent.probing.probing import Probing
 from tdhook_fx.latent.probing.estimators import MeanDifferenceClassifier
 from tdhook_fx.latent.probing.managers import (
     BilinearProbe,
@@ -9,6 +8,7 @@ from tdhook_fx.latent.probing.managers import (
     ProbeManager,
     ProbingError,
 )
+from tdhook_fx.latent.probing.probing import Probing
 
 __all__ = [
     "BilinearProbe",

@@ -1,9 +1,10 @@
 """A small estimator for probing (tdhook's MeanDifferenceClassifier); scikit-learn ones work too."""
 
 from __future__ import annotations
-from tdhook_fx.errors import InvalidArgument
 
 import numpy as np
+
+from tdhook_fx.errors import InvalidArgument
 
 
 class MeanDifferenceClassifier:

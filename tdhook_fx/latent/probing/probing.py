@@ -14,12 +14,11 @@ from collections.abc import Callable
 from tensordict.nn import TensorDictModuleBase
 from torch import nn
 
-from tdhook_fx.methods.context import HookingContextFactory
-from tdhook_fx.methods.paths import match_modules, no_match_error
-from tdhook_fx.methods.programs import FORWARD_PORT, MethodUsageError, add_read, require
+from tdhook_fx.methods.interface import require
+from tdhook_fx.methods.reading import ModuleReadingMethod
 
 
-class Probing(HookingContextFactory):
+class Probing(ModuleReadingMethod):
     """Linear (or any) probes on the activations of the modules matching `key_pattern`."""
 
     default_classes_to_hook = (nn.Module,)
@@ -35,64 +34,41 @@ class Probing(HookingContextFactory):
         classes_to_hook: list[type[nn.Module]] | None = None,
         classes_to_skip: list[type[nn.Module]] | None = None,
     ):
-        super().__init__()
-        self.key_pattern = key_pattern
+        super().__init__(
+            key_pattern,
+            relative,
+            directions,
+            tuple(classes_to_hook or self.default_classes_to_hook),
+            tuple(classes_to_skip or self.default_classes_to_skip),
+        )
         self._probe_factory = probe_factory
-        self._relative = relative
-        self._directions = list(directions or ["fwd"])
-        for direction in self._directions:
-            if direction not in FORWARD_PORT:
-                raise MethodUsageError(
-                    f"Probing direction {direction!r} needs gradients, which tdhook_fx does not compile yet; "
-                    f"use one of {sorted(FORWARD_PORT)}"
-                )
         self._additional_keys = list(additional_keys or [])
-        self._classes_to_hook = tuple(classes_to_hook or self.default_classes_to_hook)
-        self._classes_to_skip = tuple(classes_to_skip or self.default_classes_to_skip)
-        self._refs: list = []
         self._probes: dict = {}
 
-    @property
-    def additional_in_keys(self) -> list:
-        return self._additional_keys
+    def hooked_keys(self, interface) -> tuple[list, list]:
+        return list(interface.in_keys) + self._additional_keys, list(interface.out_keys)
 
-    def _modules(self, hooked):
-        interface = hooked.interface
-        base = interface.base(self._relative)
-        refs = match_modules(
-            base, interface.model, self.key_pattern, self._classes_to_hook, self._classes_to_skip
-        )
-        if not refs:
-            raise no_match_error(base, self.key_pattern)
-        return refs
-
-    def _enter(self, hooked) -> None:
-        self._refs = self._modules(hooked)  # matched once: the model does not change in context
+    def enter(self, hooked) -> None:
+        super().enter(hooked)
         self._probes = {
             (ref.key, direction): self._probe_factory(ref.key, direction)
             for direction in self._directions
             for ref in self._refs
         }
 
-    def _exit(self, hooked) -> None:
-        self._refs, self._probes = [], {}
+    def exit(self, hooked) -> None:
+        super().exit(hooked)
+        self._probes = {}
 
-    def _build(self, hooked, builder, table, td):
+    def before_pass(self, hooked, td) -> dict:
         metadata = {}
         for key in self._additional_keys:
             hint = "for probes: td['labels'] = labels and td['step_type'] = 'fit' (or 'predict')"
             name = key if isinstance(key, str) else key[0]
             require(td, name, f"additional_keys names {key!r}", hint)
             metadata[name] = td[name]  # a string (step_type) comes back as a string
-        reads = []
-        for direction in self._directions:
-            for ref in self._refs:
-                read = add_read(builder, table, ref.key, ref.name, ref.module, direction)
-                if read is not None:
-                    reads.append((self._probes[(ref.key, direction)], read))
+        return metadata
 
-        def step_probes(result, td) -> None:
-            for probe, read in sorted(reads, key=lambda item: item[1].order):
-                probe.step(read.value(result.saved), **metadata)
-
-        return step_probes
+    def consume(self, hooked, values, result, td, metadata) -> None:
+        for value in values:
+            self._probes[(value.ref.key, value.direction)].step(value.read.value(result.saved), **metadata)

@@ -1,116 +1,25 @@
-"""Safe save and load of a compiled module: the program and its data, never code.
-
-`cm.save(path)` writes one safetensors file: the tensors it needs (the example inputs, the
-runtime values bound with `cm.bind`, the pruning masks) and, in the file's text metadata, a
-JSON manifest (the program text, the capture settings, and a fingerprint of the base model:
-its classes, tensor shapes and dtypes, and a SHA-256 of every tensor). Reading it parses JSON
-and copies raw tensor bytes; nothing in it is ever executed or unpickled.
+"""Safe load of a file written by `cm.save`: JSON and raw tensor bytes, nothing executed.
 
 `tdhook_fx.load(path, model)` checks that `model` is the base model that was saved (same
 architecture and, unless `check_weights=False`, the same weights), then compiles the saved
 program onto it again and restores the bound values and masks. The model is not changed.
-
-Bound Python functions (`$f(...)`, `patch ... with $f`) are code: they are not saved; the
-manifest lists them and the loaded module asks for them (`cm.bind(f=...)`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
 import json
 import os
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tdhook_fx.compiler.capture.export import dynamic_dims
-from tdhook_fx.errors import ExportError, TdhookFxError
 from tdhook_fx.compiler.graphs import natural_order
+from tdhook_fx.compiler.pipeline import compile as compile_program
+from tdhook_fx.errors import ExportError, TdhookFxError
+from tdhook_fx.shipping.save import FORMAT, MANIFEST_KEY, fingerprint, safetensors_module
 
-FORMAT = "tdhook_fx.saved/1"
-_MANIFEST_KEY = "tdhook_fx"
-_MAX_LISTED = 8
-
-
-# ---- saving -------------------------------------------------------------------------------------
-
-
-def save(cm, path: str | os.PathLike, *, example=None) -> Path:
-    """Write `cm` to `path` (a safetensors file; see the module docstring). Returns the path.
-
-    `example` (the inputs the module was compiled on) is needed only when `cm` does not
-    remember them.
-    """
-    safetensors = _safetensors()
-    inputs = cm.example(example)
-    model = cm.base_model
-    tensors: dict[str, torch.Tensor] = {}
-    for i, x in enumerate(inputs):
-        tensors[f"example.{i}"] = x
-    bound, functions = {}, []
-    for name, value in cm.bound_values().items():
-        if callable(value):
-            functions.append(name)
-        else:
-            bound[name] = f"bound.{name}"
-            tensors[bound[name]] = value
-    masks = {}
-    for target, value in cm.graph_tensors().items():
-        masks[target] = f"mask.{target}"
-        tensors[masks[target]] = value
-    if functions:
-        warnings.warn(
-            f"the bound function(s) {', '.join('$' + f for f in functions)} are code and are not saved; "
-            f"after tdhook_fx.load, bind them again: cm.bind({functions[0]}=...)",
-            stacklevel=3,
-        )
-    manifest = {
-        "format": FORMAT,
-        "versions": {"tdhook_fx": _version("tdhook_fx"), "torch": torch.__version__},
-        "program": cm.program,
-        "capture": {
-            "frontend": cm.frontend,
-            "in_keys": list(cm.in_keys),
-            "out_keys": cm.captured_out_keys,
-            "training": cm.training,
-            "example": [{"shape": list(x.shape), "dtype": _dtype_name(x.dtype)} for x in inputs],
-            "dynamic_dims": [sorted(dynamic_dims(x)) for x in inputs],
-        },
-        "bound": bound,
-        "functions": functions,
-        "masks": masks,
-        "model": fingerprint(model),
-    }
-    path = Path(path)
-    contiguous = {name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
-    try:
-        safetensors.torch.save_file(contiguous, str(path), metadata={_MANIFEST_KEY: json.dumps(manifest)})
-    except OSError as error:
-        raise ExportError(f"could not write {path}: {error}") from None
-    return path
-
-
-def fingerprint(model: nn.Module, hashes: bool = True) -> dict:
-    """What identifies a base model: its classes, its tensors' shapes and dtypes, their hashes."""
-    state = model.state_dict()
-    return {
-        "class": _class_name(model),
-        "modules": {name: _class_name(m) for name, m in model.named_modules()},
-        "tensors": {name: [list(t.shape), _dtype_name(t.dtype)] for name, t in state.items()},
-        "sha256": {name: tensor_digest(t) for name, t in state.items()} if hashes else {},
-    }
-
-
-def tensor_digest(tensor: torch.Tensor) -> str:
-    """SHA-256 of a tensor's values (its bytes in row-major order)."""
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"").hexdigest()
-
-
-# ---- loading ------------------------------------------------------------------------------------
+_MAX_LISTED = 8  # differences listed when a model does not match
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -126,8 +35,6 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
     weights differ; `check_weights=False` accepts other weights of the same architecture
     (masks saved for magnitude pruning are then kept as saved). `model` is not changed.
     """
-    from tdhook_fx.compiler.pipeline import compile as compile_program
-
     manifest, tensors = _open(path, with_tensors=True)
     capture = manifest["capture"]
     _check_model(manifest["model"], model, check_weights, path)
@@ -153,7 +60,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
 
 
 def _open(path, with_tensors: bool = False) -> tuple[dict, dict]:
-    safetensors = _safetensors()
+    safetensors = safetensors_module()
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"no such file: {path}")
@@ -166,10 +73,10 @@ def _open(path, with_tensors: bool = False) -> tuple[dict, dict]:
             f"{path} is not a file written by cm.save (not a safetensors file: {error})\n"
             "  hint: a .pt2 from cm.export loads with tdhook_fx.load_export; tdhook_fx.load reads cm.save's files"
         ) from None
-    if _MANIFEST_KEY not in metadata:
+    if MANIFEST_KEY not in metadata:
         raise ExportError(f"{path} is a safetensors file but not one written by cm.save (it has no tdhook_fx manifest)")
     try:
-        manifest = json.loads(metadata[_MANIFEST_KEY])
+        manifest = json.loads(metadata[MANIFEST_KEY])
     except json.JSONDecodeError as error:
         raise ExportError(f"{path}: its tdhook_fx manifest is not valid JSON ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -258,29 +165,3 @@ def _restore_masks(cm, masks: dict, tensors: dict, path) -> None:
 
 def _key(key):
     return tuple(key) if isinstance(key, list) else key
-
-
-def _class_name(obj) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
-
-
-def _safetensors():
-    """The safetensors package (its torch writer and its lazy reader), or a clear error."""
-    try:
-        import safetensors
-        import safetensors.torch
-    except ImportError:
-        raise ExportError("saving and loading need the safetensors package: pip install safetensors") from None
-    return safetensors
