@@ -1,6 +1,7 @@
 """tdhook_fx: interventions written in a small DSL, compiled into a rewrite of the model's graph."""
 
 from tdhook_fx.compiler.compiled import CompiledModule
+from tdhook_fx.compiler.resolve import match_sites
 from tdhook_fx.compiler.pipeline import compile, sites
 from tdhook_fx.errors import (
     BindingError,
@@ -29,6 +30,7 @@ __all__ = [
     "inspect_export",
     "load",
     "load_export",
+    "match_sites",
     "parse",
     "sites",
     "sweep",

@@ -71,20 +71,20 @@ def run(
                 sources.setdefault(source, tuple(td.get((source, k)) for k in in_keys))
     inputs = tuple(inputs)
     plan, _ = plan_call(model, in_keys, out_keys, inputs)
-    runner = _Runner(model, program, values)
-    runner.grad = backward is not None  # patch sources too: their run is part of what is differentiated
+    hooked = _HookedProgram(model, program, values)
+    hooked.grad = backward is not None  # patch sources too: their run is part of what is differentiated
     for source, source_inputs in sources.items():
-        runner.patch_values[source] = runner.record_patch_sites(plan, source, tuple(source_inputs))
+        hooked.patch_values[source] = hooked.record_patch_sites(plan, source, tuple(source_inputs))
     if backward is None:
-        return runner.run(plan, inputs)
-    return _run_backward(runner, plan, inputs, backward)
+        return hooked.run(plan, inputs)
+    return _run_backward(hooked, plan, inputs, backward)
 
 
-def _run_backward(runner: _Runner, plan, inputs: tuple, backward) -> dict:
+def _run_backward(hooked: _HookedProgram, plan, inputs: tuple, backward) -> dict:
     inputs = tuple(x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs)
-    result = runner.run(plan, inputs)
-    recorder = runner.last
-    parameters = dict(runner.model.named_parameters())
+    result = hooked.run(plan, inputs)
+    recorder = hooked.last
+    parameters = dict(hooked.model.named_parameters())
     floats = [(key_name(k), x) for k, x in zip(plan.in_keys, inputs) if x.is_floating_point()]
     wanted = [x for _, x in floats] + list(parameters.values()) + recorder.receivers
     loss = backward(result)
@@ -101,7 +101,7 @@ def _run_backward(runner: _Runner, plan, inputs: tuple, backward) -> dict:
     return result
 
 
-class _Runner:
+class _HookedProgram:
     def __init__(self, model: nn.Module, program: ast.Program, values: dict):
         self.model = model
         self.program = program
@@ -161,12 +161,12 @@ class _Runner:
 
     def run(self, plan, inputs) -> dict:
         hooks = self.plan_hooks(self.program.statements)
-        runner = self.last = _Recorder(self, hooks, record_only=False)
+        recorder = self.last = _Recorder(self, hooks, record_only=False)
         prunes = [s for s in self.program.statements if isinstance(s, ast.Prune)]
         with _pruned(self, prunes):
-            outputs = runner.forward(plan, inputs)
-        result = {} if runner.stopped else dict(zip(map(key_name, plan.out_keys), outputs))
-        for name, value in runner.saved.items():
+            outputs = recorder.forward(plan, inputs)
+        result = {} if recorder.stopped else dict(zip(map(key_name, plan.out_keys), outputs))
+        for name, value in recorder.saved.items():
             result[("saved", name)] = value
         return result
 
@@ -174,8 +174,8 @@ class _Runner:
 class _Recorder:
     """One forward with hooks that apply (or, for patch sources, only record) statements."""
 
-    def __init__(self, runner: _Runner, hooks: dict, record_only: bool):
-        self.runner = runner
+    def __init__(self, hooked: _HookedProgram, hooks: dict, record_only: bool):
+        self.hooked = hooked
         self.hooks = hooks
         self.record_only = record_only
         self.saved: dict = {}
@@ -190,12 +190,12 @@ class _Recorder:
         handles = []
         wanted = {module for module, _, _ in self.hooks}
         for name in wanted:
-            module = self.runner.modules[name]
+            module = self.hooked.modules[name]
             handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
             handles.append(module.register_forward_hook(self._post(name), with_kwargs=True))
         try:
-            with torch.set_grad_enabled(self.runner.grad):
-                return plan.call(self.runner.model, inputs)
+            with torch.set_grad_enabled(self.hooked.grad):
+                return plan.call(self.hooked.model, inputs)
         except _Stopped:
             self.stopped = True
             return None
@@ -269,10 +269,10 @@ class _Recorder:
         region = value if index is None else value[index]
         if isinstance(statement, ast.Patch):
             source = statement.source or DEFAULT_PATCH_SOURCE
-            patched = self.runner.patch_values[source][site]
+            patched = self.hooked.patch_values[source][site]
             new_region = patched if index is None else patched[index]
             if statement.function is not None:
-                new_region = self.runner.values[statement.function.name](region, new_region)
+                new_region = self.hooked.values[statement.function.name](region, new_region)
             new_region = new_region.to(value.dtype)
         else:
             operand = self._eval(statement.value, region)
@@ -331,11 +331,11 @@ class _Recorder:
             if isinstance(entry, ast.IntEntry):
                 items.append(entry.value)
             elif isinstance(entry, ast.Var):
-                items.append(self.runner.values[entry.name])
+                items.append(self.hooked.values[entry.name])
             elif isinstance(entry, ast.EllipsisEntry):
                 items.append(...)
             else:
-                bound = [self.runner.values[b.name] if isinstance(b, ast.Var) else b for b in (entry.start, entry.stop, entry.step)]
+                bound = [self.hooked.values[b.name] if isinstance(b, ast.Var) else b for b in (entry.start, entry.stop, entry.step)]
                 items.append(slice(*bound))
         return tuple(items)
 
@@ -343,7 +343,7 @@ class _Recorder:
         if isinstance(expr, ast.Number):
             return expr.value
         if isinstance(expr, ast.Var):
-            return self.runner.values[expr.name]
+            return self.hooked.values[expr.name]
         if isinstance(expr, ast.Saved):
             return self.saved[expr.name]
         if isinstance(expr, ast.Zeros):
@@ -353,7 +353,7 @@ class _Recorder:
         if isinstance(expr, ast.SiteValue):
             return region
         if isinstance(expr, ast.Call):
-            return self.runner.values[expr.function.name](*(self._eval(a, region) for a in expr.args))
+            return self.hooked.values[expr.function.name](*(self._eval(a, region) for a in expr.args))
         if isinstance(expr, ast.Neg):
             return -self._eval(expr.operand, region)
         left, right = self._eval(expr.left, region), self._eval(expr.right, region)
@@ -387,8 +387,8 @@ def _rebuild(output, replaced: dict):
 class _pruned:
     """Prune with `torch.nn.utils.prune`'s own masks, applied only inside the owner's forward."""
 
-    def __init__(self, runner: _Runner, statements):
-        self.runner = runner
+    def __init__(self, hooked: _HookedProgram, statements):
+        self.hooked = hooked
         self.statements = statements
         self.handles = []
         self.originals: dict[tuple[nn.Module, str], torch.Tensor] = {}
@@ -398,12 +398,12 @@ class _pruned:
         for statement in self.statements:
             for name in self._parameters(statement.param):
                 owner_name, _, attribute = name.rpartition(".")
-                weight = getattr(self.runner.modules[owner_name], attribute).detach()
+                weight = getattr(self.hooked.modules[owner_name], attribute).detach()
                 mask = self._mask(statement, weight)
                 key = (owner_name, attribute)
                 masks[key] = masks[key] * mask if key in masks else mask
         for (owner_name, attribute), mask in masks.items():
-            owner = self.runner.modules[owner_name]
+            owner = self.hooked.modules[owner_name]
             self.handles.append(owner.register_forward_pre_hook(self._swap(attribute, mask)))
             self.handles.append(owner.register_forward_hook(self._restore(attribute)))
         return self
@@ -442,11 +442,11 @@ class _pruned:
         parameters.update(reordered)
 
     def _parameters(self, param) -> list[str]:
-        names = [n for n, _ in self.runner.model.named_parameters(remove_duplicate=False)]
+        names = [n for n, _ in self.hooked.model.named_parameters(remove_duplicate=False)]
         if isinstance(param, ast.RegexPath):
             return [n for n in names if re.search(param.pattern, n)]
         *owner_path, last = param.segments
-        owners = self.runner.modules_for(ast.Path(tuple(owner_path))) if owner_path else [("", None)]
+        owners = self.hooked.modules_for(ast.Path(tuple(owner_path))) if owner_path else [("", None)]
         return [f"{o}.{last.name}" if o else last.name for o, _ in owners]
 
     def _mask(self, statement: ast.Prune, weight: torch.Tensor) -> torch.Tensor:
@@ -458,6 +458,6 @@ class _pruned:
                     torch.manual_seed(criterion.seed)
                 method = torch_prune.RandomUnstructured(amount) if dim is None else torch_prune.RandomStructured(amount, dim)
                 return method.compute_mask(weight, torch.ones_like(weight))
-        scores = self.runner.values[criterion.var.name] if isinstance(criterion, ast.Importance) else weight
+        scores = self.hooked.values[criterion.var.name] if isinstance(criterion, ast.Importance) else weight
         method = torch_prune.L1Unstructured(amount) if dim is None else torch_prune.LnStructured(amount, 2, dim)
         return method.compute_mask(scores, torch.ones_like(weight)).to(weight.dtype)

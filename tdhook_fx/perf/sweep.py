@@ -91,13 +91,13 @@ def sweep(
     with torch.no_grad():
         prefix_outputs = pieces.prefix(*target)
         source_values = pieces.values_only(*source_inputs)
-        runner = _Runner(pieces, inputs, out_keys, metric, memory_budget, chunk_size)
+        sweeper = _SiteSweep(pieces, inputs, out_keys, metric, memory_budget, chunk_size)
         with _progress_bar(len(swept) * len(positions), progress) as bar:
             per_site = []
             for i, site in enumerate(swept):
                 target_value = prefix_outputs[i]
                 frontier = pieces.frontier_values(site.name, prefix_outputs)
-                per_site.append(runner.site(site, target_value, source_values[i], frontier, positions, dim, bar))
+                per_site.append(sweeper.site(site, target_value, source_values[i], frontier, positions, dim, bar))
     return _result(per_site, swept, positions)
 
 
@@ -153,7 +153,7 @@ def _positions(positions, swept: list[SiteInfo], dim: int) -> list[int]:
 # ---- running ------------------------------------------------------------------------------------
 
 
-class _Runner:
+class _SiteSweep:
     """Runs one site's patched suffixes in chunks and applies the metric to each run."""
 
     def __init__(self, pieces: Cut, inputs: TensorDictBase, out_keys, metric, memory_budget: int, chunk_size):
