@@ -392,6 +392,7 @@ class _pruned:
         self.statements = statements
         self.handles = []
         self.originals: dict[tuple[nn.Module, str], torch.Tensor] = {}
+        self.orders: dict[nn.Module, list[str]] = {}  # each swapped module's parameter names, in order
 
     def __enter__(self):
         masks: dict[tuple[str, str], torch.Tensor] = {}
@@ -417,9 +418,10 @@ class _pruned:
 
     def _swap(self, attribute: str, mask: torch.Tensor):
         def hook(module, args):
-            order = list(module._parameters)
+            if not any(owner is module for owner, _ in self.originals):  # its own order, before any swap
+                self.orders[module] = list(module._parameters)
             original = module._parameters.pop(attribute)
-            self.originals[(module, attribute)] = (original, order)
+            self.originals[(module, attribute)] = original
             setattr(module, attribute, original * mask)
 
         return hook
@@ -433,11 +435,12 @@ class _pruned:
     def _put_back(self, module: nn.Module, attribute: str) -> None:
         """The parameter back in its place: the model's parameter order (named_parameters,
         state_dict, a later capture's graph) must not change."""
-        original, order = self.originals.pop((module, attribute))
+        original = self.originals.pop((module, attribute))
         delattr(module, attribute)
         parameters = module._parameters
         parameters[attribute] = original
-        reordered = {name: parameters[name] for name in order if name in parameters}
+        position = {name: i for i, name in enumerate(self.orders.get(module, ()))}
+        reordered = sorted(parameters.items(), key=lambda item: position.get(item[0], len(position)))
         parameters.clear()
         parameters.update(reordered)
 

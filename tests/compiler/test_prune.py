@@ -69,3 +69,13 @@ def test_the_reference_leaves_the_parameter_order_unchanged(samples):
     before = [name for name, _ in sample.model.named_parameters()]
     reference.run(sample.model, "prune 0.weight 50%\nprune 2.bias 1", sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
     assert [name for name, _ in sample.model.named_parameters()] == before
+
+
+def test_the_reference_puts_back_every_parameter_of_a_module_pruned_twice(samples):
+    # weight and bias of one module, swapped and restored by hooks in turn: neither may be lost
+    from tdhook_fx import reference
+
+    sample = samples("mlp")
+    before = [name for name, _ in sample.model.named_parameters()]
+    reference.run(sample.model, "prune 0.weight 50%\nprune 0.bias 1", sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    assert [name for name, _ in sample.model.named_parameters()] == before
