@@ -127,6 +127,16 @@ class InvalidArgument(TdhookFxError, ValueError):
     """A value given to tdhook_fx (an argument, a callback's result, data) does not fit."""
 
 
+class InvalidPattern(TdhookFxError, ValueError):
+    """A regular expression (a `/regex/` selector, a tdhook key pattern) is malformed or cannot be
+    matched in linear time (see `tdhook_fx.syntax.regex`). `.reason` says why, `.hints` what to do."""
+
+    def __init__(self, reason: str, *hints: str):
+        super().__init__(reason + "".join(f"\n  hint: {hint}" for hint in hints))
+        self.reason = reason
+        self.hints = hints
+
+
 class InvalidArgumentType(TdhookFxError, TypeError):
     """A value given to tdhook_fx has the wrong type."""
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +21,9 @@ except ImportError:  # an optional part: its extra installs hypothesis
     raise ImportError("tdhook_fx.testing needs hypothesis: pip install 'tdhook_fx[testing]'") from None
 
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
-from tdhook_fx.errors import MissingInputKey
+from tdhook_fx.errors import InvalidPattern, MissingInputKey
 from tdhook_fx.syntax import ast
+from tdhook_fx.syntax.regex import compile_pattern
 
 identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
 # Module names as they appear in models: identifiers, container indices, odd names.
@@ -38,8 +38,8 @@ small_ints = st.integers(-10, 10)
 
 def _valid_regex(pattern: str) -> bool:
     try:
-        re.compile(pattern)
-    except re.error:
+        compile_pattern(pattern)
+    except InvalidPattern:
         return False
     return True
 
