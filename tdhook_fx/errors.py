@@ -104,6 +104,11 @@ class BindingError(TdhookFxError):
     """A runtime value (`$name`) is missing or does not fit its site at call time."""
 
 
+class LayoutWarning(TdhookFxError, UserWarning):
+    """A runtime value broadcasts by torch's rules in a way that is probably not what was meant
+    (its first size is the batch size, but it lines up with the site's last dimensions)."""
+
+
 class ExportError(TdhookFxError):
     """A compiled module could not be saved, exported or loaded."""
 

@@ -22,7 +22,7 @@ from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_val
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.errors import Diagnostic, InvalidPattern, ResolutionError
 from tdhook_fx.syntax import ast
-from tdhook_fx.syntax.parse import LARGEST_INT, parse_site, too_deep_diagnostic
+from tdhook_fx.syntax.parse import LARGEST_INT, parse_site, source_text, too_deep_diagnostic
 from tdhook_fx.syntax.regex import compile_pattern
 
 DEFAULT_PATCH_SOURCE = "patched"
@@ -44,7 +44,7 @@ class _Match:
 
 def resolve(program: ast.Program, sites: SiteTable, text: str | None = None, source: str = "program") -> ResolvedProgram:
     """Resolve `program` against `sites`; raise `ResolutionError` listing every problem."""
-    return _Resolver(sites, text, source).run(program)
+    return _Resolver(sites, None if text is None else source_text(text), source).run(program)
 
 
 def match_sites(

@@ -85,7 +85,14 @@ def parse_site(text: str, *, source: str = "site") -> ast.Site:
     return _parse(text, "site", source)
 
 
+def source_text(text: str) -> str:
+    """`text` as the parser reads it: a byte order mark at the start (some editors write one)
+    becomes a space, so that columns in messages still count it and carets stay in place."""
+    return " " + text[1:] if text.startswith("\ufeff") else text
+
+
 def _parse(text: str, start: str, source: str):
+    text = source_text(text)
     try:
         tree = lark_parser().parse(text, start=start)
     except UnexpectedInput as error:
