@@ -267,6 +267,11 @@ def _mentions(line: str, name: str) -> bool:
     return len(words) > 1 and words[0] != "prune" and words[1].split("[")[0] == name
 
 
+def doubled_in_place(x: torch.Tensor) -> torch.Tensor:
+    """A bound function that changes its argument in place (`$f` gets a copy: nothing else changes)."""
+    return x.mul_(2)
+
+
 @st.composite
 def _values(draw, site, region, saved, values, generator, var_name) -> str:
     options = ["number", "zeros", "mean", "var", "value", "function"]
@@ -283,7 +288,7 @@ def _values(draw, site, region, saved, values, generator, var_name) -> str:
     if choice == "value":
         return draw(st.sampled_from(["value * 0.5", "-value", "value + 1"]))
     if choice == "function":
-        values[var_name] = torch.tanh
+        values[var_name] = draw(st.sampled_from([torch.tanh, doubled_in_place]))
         return f"${var_name}(value)"
     if choice == "saved":
         return "@" + draw(st.sampled_from(earlier)) + draw(st.sampled_from(["", " * 0.5"]))

@@ -137,7 +137,8 @@ class Path(Node):
 
 @dataclass(frozen=True)
 class RegexPath(Node):
-    """`/pattern/`: every module whose dotted name matches (`re.search`)."""
+    """`/pattern/`: every module whose dotted name matches (searched as `re.search` does, in linear
+    time: `tdhook_fx.syntax.regex`)."""
 
     pattern: str
     span: Span | None = _span()
