@@ -118,8 +118,10 @@ def too_deep_diagnostic(node) -> Diagnostic:
         node.span,
         f"this is nested deeper than {ast.MAX_DEPTH} levels (each operator, sign, call and bracket adds one)",
         (
-            "a long sum or product nests one level per term: group its terms in parentheses, "
-            "e.g. (a + b + c) + (d + e + f), so each group nests on its own",
+            (
+                "a long sum or product nests one level per term: group its terms in parentheses, "
+                "e.g. (a + b + c) + (d + e + f), so each group nests on its own"
+            ),
         ),
     )
 
