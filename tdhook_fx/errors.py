@@ -104,6 +104,11 @@ class BindingError(TdhookFxError):
     """A runtime value (`$name`) is missing or does not fit its site at call time."""
 
 
+class LayoutWarning(TdhookFxError, UserWarning):
+    """A runtime value broadcasts by torch's rules in a way that is probably not what was meant
+    (its first size is the batch size, but it lines up with the site's last dimensions)."""
+
+
 class ExportError(TdhookFxError):
     """A compiled module could not be saved, exported or loaded."""
 
@@ -125,6 +130,16 @@ class MethodUsageError(TdhookFxError, RuntimeError):
 
 class InvalidArgument(TdhookFxError, ValueError):
     """A value given to tdhook_fx (an argument, a callback's result, data) does not fit."""
+
+
+class InvalidPattern(TdhookFxError, ValueError):
+    """A regular expression (a `/regex/` selector, a tdhook key pattern) is malformed or cannot be
+    matched in linear time (see `tdhook_fx.syntax.regex`). `.reason` says why, `.hints` what to do."""
+
+    def __init__(self, reason: str, *hints: str):
+        super().__init__(reason + "".join(f"\n  hint: {hint}" for hint in hints))
+        self.reason = reason
+        self.hints = hints
 
 
 class InvalidArgumentType(TdhookFxError, TypeError):

@@ -11,6 +11,8 @@ Semantics shared with the compiler (the contract both implement):
 - statements at one site apply in program order; `save` records the value at that point;
 - runtime values (`$name`) are cast to the site's dtype; `zeros`/`mean` are shaped like the
   (indexed) site value, `mean` averaging over the batch;
+- a bound function (`$f(...)`, `patch ... with $f`) gets copies of its tensor arguments: what
+  it changes in place changes nothing else;
 - `patch` takes the value the site has when the unmodified model runs on the source inputs;
 - `prune` masks a parameter only inside its owning module's forward;
 - `stop` ends the forward right after the site; then only saved values are returned;
@@ -272,7 +274,7 @@ class _Recorder:
             patched = self.hooked.patch_values[source][site]
             new_region = patched if index is None else patched[index]
             if statement.function is not None:
-                new_region = self.hooked.values[statement.function.name](region, new_region)
+                new_region = self.hooked.values[statement.function.name](*_copies(region, new_region))
             new_region = new_region.to(value.dtype)
         else:
             operand = self._eval(statement.value, region)
@@ -353,11 +355,16 @@ class _Recorder:
         if isinstance(expr, ast.SiteValue):
             return region
         if isinstance(expr, ast.Call):
-            return self.hooked.values[expr.function.name](*(self._eval(a, region) for a in expr.args))
+            return self.hooked.values[expr.function.name](*_copies(*(self._eval(a, region) for a in expr.args)))
         if isinstance(expr, ast.Neg):
             return -self._eval(expr.operand, region)
         left, right = self._eval(expr.left, region), self._eval(expr.right, region)
         return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right, "/": lambda: left / right}[expr.op]()
+
+
+def _copies(*arguments) -> tuple:
+    """A bound function's arguments: its own copy of each tensor (what it changes in place stays its own)."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in arguments)
 
 
 def _pick(container, entry) -> list[nn.Module]:

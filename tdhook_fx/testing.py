@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +21,9 @@ except ImportError:  # an optional part: its extra installs hypothesis
     raise ImportError("tdhook_fx.testing needs hypothesis: pip install 'tdhook_fx[testing]'") from None
 
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
-from tdhook_fx.errors import MissingInputKey
+from tdhook_fx.errors import InvalidPattern, MissingInputKey
 from tdhook_fx.syntax import ast
+from tdhook_fx.syntax.regex import compile_pattern
 
 identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
 # Module names as they appear in models: identifiers, container indices, odd names.
@@ -38,8 +38,8 @@ small_ints = st.integers(-10, 10)
 
 def _valid_regex(pattern: str) -> bool:
     try:
-        re.compile(pattern)
-    except re.error:
+        compile_pattern(pattern)
+    except InvalidPattern:
         return False
     return True
 
@@ -267,6 +267,11 @@ def _mentions(line: str, name: str) -> bool:
     return len(words) > 1 and words[0] != "prune" and words[1].split("[")[0] == name
 
 
+def doubled_in_place(x: torch.Tensor) -> torch.Tensor:
+    """A bound function that changes its argument in place (`$f` gets a copy: nothing else changes)."""
+    return x.mul_(2)
+
+
 @st.composite
 def _values(draw, site, region, saved, values, generator, var_name) -> str:
     options = ["number", "zeros", "mean", "var", "value", "function"]
@@ -283,7 +288,7 @@ def _values(draw, site, region, saved, values, generator, var_name) -> str:
     if choice == "value":
         return draw(st.sampled_from(["value * 0.5", "-value", "value + 1"]))
     if choice == "function":
-        values[var_name] = torch.tanh
+        values[var_name] = draw(st.sampled_from([torch.tanh, doubled_in_place]))
         return f"${var_name}(value)"
     if choice == "saved":
         return "@" + draw(st.sampled_from(earlier)) + draw(st.sampled_from(["", " * 0.5"]))
