@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.export.pt2_archive._package import PT2ArchiveWriter
 
-from tdhook_fx.errors import ExportError
+from tdhook_fx.errors import CodeInFile, ExportError, PickleInFile
 from tdhook_fx.shipping import pt2_format as fmt
 from tdhook_fx.shipping.printable import escaped, escaped_lines
 from tdhook_fx.shipping.schema import Invalid
@@ -315,9 +315,9 @@ class _Audit:
                 if name == fmt.GRAPH_ENTRY and fmt.count_expressions(contents[name]) > fmt.MAX_EXPRESSIONS:
                     raise Invalid("", f"more than {fmt.MAX_EXPRESSIONS} symbolic expressions")
                 parsed.append(value)
-            except fmt.RunsCode as error:
+            except CodeInFile as error:
                 self.code.append(f"{name}: {error}")
-            except fmt.Unpickles as error:
+            except PickleInFile as error:
                 self.pickled.append(f"{name}: {error}")
             except Invalid as error:
                 self.problems.append(f"{name}: {error}")

@@ -28,6 +28,7 @@ import re
 
 from torch.utils import _pytree as pytree
 
+from tdhook_fx.errors import CodeInFile, PickleInFile
 from tdhook_fx.shipping.pt2_code import (
     MAX_EXPRESSION,
     SYMBOL_NAME,
@@ -100,31 +101,23 @@ FQN = text(max_length=4096, pattern=DOTTED)
 KEY = text(max_length=1024)  # a TensorDict key or saved name, as text
 
 
-class RunsCode(Invalid):
-    """A string of the graph that torch would run as code, outside the accepted grammar."""
-
-
-class Unpickles(Invalid):
-    """A config entry that torch would unpickle (`use_pickle`)."""
-
-
 def _not_pickled(value, where) -> None:
     if value is not False:
-        raise Unpickles(where, f"use_pickle is {shown(value)}: torch would torch.load(weights_only=False) the payload")
+        raise PickleInFile(where, f"use_pickle is {shown(value)}: torch would torch.load(weights_only=False) the payload")
 
 
 def _expression(value, where) -> None:
     text(max_length=MAX_EXPRESSION)(value, where)
     problem = expression_problem(value)
     if problem:
-        raise RunsCode(where, f"symbolic expression {shown(value)} {problem} (sympify would eval it)")
+        raise CodeInFile(where, f"symbolic expression {shown(value)} {problem} (sympify would eval it)")
 
 
 def _target(value, where) -> None:
     text(max_length=256)(value, where)
     problem = target_problem(value)
     if problem:
-        raise RunsCode(where, f"call target {shown(value)} {problem}; it would be called when the graph runs")
+        raise CodeInFile(where, f"call target {shown(value)} {problem}; it would be called when the graph runs")
 
 
 # ---- the graph (schema.py's dataclasses, as JSON) -----------------------------------------------

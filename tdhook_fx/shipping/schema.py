@@ -4,7 +4,7 @@
 deeper than Python's recursion limit, before anything else looks at it. A `Spec` is a
 function `(value, where)` that raises `Invalid(where, message)` unless `value` has exactly
 the declared shape: `record` refuses unknown keys, `text` refuses control characters,
-`whole` refuses booleans and out-of-range integers. Specs compose (`items(record({...}))`),
+`whole` refuses booleans and out-of-range integers (`Invalid` is errors.FileFormatError). Specs compose (`items(record({...}))`),
 so a file's whole format is written down as one value, and `where` locates any refusal
 (`graph_module.graph.nodes[3].target`).
 """
@@ -16,20 +16,12 @@ import math
 import re
 from collections.abc import Callable
 
+from tdhook_fx.errors import FileFormatError as Invalid
 from tdhook_fx.shipping.printable import hidden_character
 
 Spec = Callable[[object, str], None]
 
 MAX_TEXT = 1 << 16  # characters in a string unless a spec says otherwise
-
-
-class Invalid(Exception):
-    """A value that is not what the format allows: where (a path into the JSON), and what."""
-
-    def __init__(self, where: str, message: str):
-        super().__init__(f"{where}: {message}" if where else message)
-        self.where = where
-        self.message = message
 
 
 def parse_json(raw: bytes, limit: int):
@@ -47,7 +39,7 @@ def parse_json(raw: bytes, limit: int):
 
 
 def _no_constant(name: str):
-    raise ValueError(f"{name} is not JSON")
+    raise Invalid("", f"not valid JSON ({name} is not a JSON value)")
 
 
 def shown(value, limit: int = 60) -> str:
@@ -134,6 +126,33 @@ def items(spec: Spec, max_length: int = 1 << 20) -> Spec:
             raise Invalid(where, f"a list of {len(value)} items, more than the {max_length} allowed")
         for i, item in enumerate(value):
             spec(item, f"{where}[{i}]")
+
+    return check
+
+
+def fixed(*specs: Spec) -> Spec:
+    """A list of exactly len(specs) values, the i-th satisfying specs[i] (a JSON tuple)."""
+
+    def check(value, where):
+        if not isinstance(value, list) or len(value) != len(specs):
+            raise Invalid(where, f"expected a list of {len(specs)} values, found {shown(value)}")
+        for i, (item, spec) in enumerate(zip(value, specs)):
+            spec(item, f"{where}[{i}]")
+
+    return check
+
+
+def either(*specs: Spec) -> Spec:
+    """A value satisfying one of `specs` (the last one's refusal is reported)."""
+
+    def check(value, where):
+        for spec in specs[:-1]:
+            try:
+                spec(value, where)
+                return
+            except Invalid:
+                pass
+        specs[-1](value, where)
 
     return check
 
