@@ -28,6 +28,7 @@ any amount of memory or time). See the README's section on shipping.
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -161,7 +162,11 @@ class _Archive:
             self.file = open(self.path, "rb")
         except OSError as error:
             raise ExportError(f"cannot read {escaped(str(self.path))}: {error}") from None
-        self.size = os.fstat(self.file.fileno()).st_size
+        status = os.fstat(self.file.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            self.file.close()
+            raise ExportError(f"cannot read {escaped(str(self.path))}: not a regular file")
+        self.size = status.st_size
         try:
             self.zip = zipfile.ZipFile(self.file)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:

@@ -5,10 +5,11 @@ torch 2.13's deserializer (`torch/_export/serde/serialize.py`) and `ExportedProg
 
 - a node's `target` is resolved by `getattr` from `torch`, `math` or `_operator`: any callable
   there (`torch.os.system`) is called when the graph runs. Accepted: the symbolic-size operators
-  torch itself serializes, and `torch.ops.aten` operators whose schema takes only tensors,
-  numbers, dtypes, devices and layouts; a string argument only where it names a mode
-  (`gelu(approximate=...)`). That excludes `aten::save` and `aten::from_file`, which write and
-  map files.
+  torch itself serializes, and ATen operators (`torch.ops.aten`, registered with the dispatcher)
+  whose schema takes only tensors, numbers, dtypes, devices and layouts (a string argument only
+  where it names a mode: `gelu(approximate=...)`) and that return a value (or only assert).
+  That excludes `aten::from_file` (maps and creates files), TorchScript builtins such as
+  `aten::save` and `aten::manual_seed`, and side-effect-only operators (`aten::_backward`).
 - every `expr_str` goes through `sympy.sympify`, which `eval`s it, and evaluates integer powers
   at once (`10**10**8` never returns). Accepted: the `srepr` form torch writes
   (`Mul(Integer(32), Symbol('s70', positive=True, integer=True))`): calls of a fixed set of
@@ -48,6 +49,10 @@ _VALUE_TYPES = frozenset({
     "Tensor", "int", "bool", "float", "number", "complex", "ScalarType", "Layout", "Device", "MemoryFormat",
     "Generator",
 })
+_ASSERTIONS = frozenset({  # operators run for their effect, which is only to fail on bad inputs
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
+    "_functional_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
+})
 _MODE_ARGUMENTS = frozenset({  # string arguments that only name a mode of the computation
     "approximate", "assert_msg", "driver", "equation", "indexing", "interpolation", "mode", "norm", "ord", "p",
     "pad_mode", "padding", "padding_side", "reduce", "rounding_mode", "side", "UPLO",
@@ -70,7 +75,13 @@ def _aten_problem(name: str, overload: str) -> str | None:
     schemas = [s for s in torch._C._jit_get_schemas_for_operator(f"aten::{name}") if s.overload_name == wanted]
     if not schemas:
         return "is not a registered aten operator"
+    try:  # TorchScript's builtins (aten::save, aten::manual_seed) are not dispatcher operators
+        torch._C._dispatch_find_schema_or_throw(f"aten::{name}", wanted)
+    except RuntimeError:
+        return "is a TorchScript builtin, not an ATen operator"
     schema = schemas[0]
+    if not schema.returns and name not in _ASSERTIONS:
+        return "returns nothing (it runs only for its side effects)"
     for argument in schema.arguments:
         kind = str(argument.real_type)
         if kind in ("str", "Optional[str]") and argument.name in _MODE_ARGUMENTS:

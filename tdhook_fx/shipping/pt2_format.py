@@ -68,7 +68,7 @@ FORMAT_ENTRIES = {  # exact contents
 WEIGHT_ENTRY = re.compile(r"data/weights/(weight_(?:0|[1-9][0-9]{0,8}))")
 CONSTANT_ENTRY = re.compile(r"data/constants/(tensor_(?:0|[1-9][0-9]{0,8}))")
 # the largest each kind of entry may be, in bytes (tensor bytes: their declared sizes, see check_storage)
-LIMITS = {"graph": 64 << 20, "config": 16 << 20, "manifest": 4 << 20, "format": 64, "empty": 0}
+LIMITS = {"graph": 32 << 20, "config": 16 << 20, "manifest": 4 << 20, "format": 64, "empty": 0}
 MAX_EXPRESSIONS = 100_000  # symbolic expressions in one graph (each costs torch a sympify at load)
 
 

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 import tdhook_fx
 from tdhook_fx import zoo as builtin_zoo
-from tdhook_fx.shipping import cli
+from tdhook_fx.shipping import audit, cli
 from tdhook_fx.shipping.pt2_code import expression_problem, guard_problem, target_problem
+from tdhook_fx.shipping.pt2_format import LIMITS
 from tests.shipping import archives
 from tests.shipping.archives import CRAFTED, SLOW_CRAFTED
 
@@ -162,10 +163,18 @@ def test_files_that_are_not_archives(tmp_path):
         tdhook_fx.load_export(tmp_path / "missing.pt2")
 
 
-def test_an_entry_over_its_size_limit_is_refused_before_it_is_read(good, tmp_path):
-    big = archives.edited(good, tmp_path / "big.pt2", change=lambda n, d: d + b" " * (64 << 20) if n == archives.GRAPH else d)
+def test_an_entry_over_its_size_limit_is_refused_before_it_is_read(good, tmp_path, monkeypatch):
+    limit = LIMITS["graph"]
+    big = archives.edited(good, tmp_path / "big.pt2", change=lambda n, d: d + b" " * limit if n == archives.GRAPH else d)
+    read = audit._Audit._read
+
+    def bounded_read(self, info, cap):
+        assert info.file_size <= limit, f"read {info.filename}, over its limit"
+        return read(self, info, cap)
+
+    monkeypatch.setattr(audit._Audit, "_read", bounded_read)
     report = tdhook_fx.inspect_export(big)
-    assert any("models/model.json: 67" in p and "more than the 67108864 a graph entry may hold" in p for p in report.problems)
+    assert any(f"more than the {limit} a graph entry may hold" in p for p in report.problems), report.problems
 
 
 # ---- the grammars of strings torch turns into code ----------------------------------------------
@@ -223,7 +232,8 @@ def test_call_targets_are_value_only_aten_operators():
     for target in [
         "torch.ops.aten.from_file.default", "torch.ops.aten.save.default", "torch.ops.aten._print.default",
         "torch.os.system", "torch.ops.aten.linear.nonexistent", "torch.ops.higher_order.cond",
-        "torch.ops.aten.__class__.default", "_operator.pow", "builtins.eval",
+        "torch.ops.aten.__class__.default", "_operator.pow", "builtins.eval", "torch.ops.aten.manual_seed.default",
+        "torch.ops.aten.set_grad_enabled.default", "torch.ops.aten._backward.default", "torch.ops.aten.add.int",
     ]:
         assert target_problem(target), target
 

@@ -168,3 +168,19 @@ def test_saving_a_large_example_is_refused_with_a_hint(tmp_path):
     assert not (tmp_path / "big.safetensors").exists()
     cm.save(tmp_path / "ok.safetensors", example=big[:MAX_EXAMPLE_BATCH])
     assert tdhook_fx.load(tmp_path / "ok.safetensors", sample.model).program == "save 1"
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda data: data[: len(data) // 2],  # truncated
+    lambda data: (1 << 40).to_bytes(8, "little") + data[8:],  # a header length past the end
+    lambda data: data[:8] + b"[" + data[9:],  # a header that is not a JSON object
+    lambda data: bytes(64),
+    lambda data: b"",
+])
+def test_corrupt_files_are_refused_with_a_clear_error(saved, tmp_path, corrupt):
+    _, path = saved
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(corrupt(path.read_bytes()))
+    refused(bad, "not a file written by cm.save")
+    with pytest.raises(tdhook_fx.ExportError, match="not a file written by cm.save"):
+        load.read_manifest(bad)
