@@ -133,9 +133,12 @@ def load_export(path: str | os.PathLike, *, trusted: bool = False) -> torch.expo
                 + "\n  hint: pass trusted=True only if you made this file or trust its maker"
             )
         with tempfile.TemporaryFile(suffix=".pt2") as rebuilt:
-            with PT2ArchiveWriter(rebuilt) as writer:
-                for name, data in contents.items():
-                    writer.write_bytes(name, data() if callable(data) else data)
+            try:
+                with PT2ArchiveWriter(rebuilt) as writer:
+                    for name, data in contents.items():
+                        writer.write_bytes(name, data() if callable(data) else data)
+            except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as error:  # a bad CRC, a full disk
+                raise ExportError(f"cannot read {escaped(str(path))}: {error}") from None
             rebuilt.seek(0)
             return _torch_load(rebuilt, path)
 
@@ -343,7 +346,7 @@ def _refused_kind(folded: str) -> str:
         return "native code"
     if folded.endswith((".pt", ".pkl", ".pickle")) or any(p in folded for p in ("custom_obj_", "opaque_obj_")):
         return "pickle"
-    if folded.startswith(("data/weights/", "data/constants/")):
+    if folded.startswith(("data/weights/", "data/constants/")) and not folded.endswith(".json"):
         return "pickle"  # a payload a crafted config can point torch at (use_pickle)
     return "unrecognized"
 

@@ -38,7 +38,8 @@ def save(cm, path: str | os.PathLike, *, example=None) -> Path:
     """Write `cm` to `path` (a safetensors file; see the module docstring). Returns the path.
 
     `example` (the inputs the module was compiled on) is needed only when `cm` does not
-    remember them.
+    remember them. Loading compiles the program on it again, so it is refused (ExportError)
+    over `MAX_EXAMPLE_BATCH` rows or `MAX_EXAMPLE_ELEMENTS` elements: a few rows are enough.
     """
     safetensors = safetensors_module()
     inputs = cm.example(example)

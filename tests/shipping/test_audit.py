@@ -394,12 +394,37 @@ def test_the_strategy_draws_accepted_edits_too(good, tmp_path):
 
 
 def test_inspect_escapes_what_the_file_holds(good, tmp_path, capsys):
-    """A safe archive whose saved name holds escapes: the printed report shows them as text."""
-    spoof = archives.edited(good, tmp_path / "spoof.pt2", change=archives.with_json(
-        archives.MANIFEST, lambda m: m.update(program="save 1 \u202e# reversed\nsteer 2 += $alpha * $v")))
-    assert cli.main(["inspect", str(spoof)]) == cli.USER_ERROR  # the program holds control characters
+    """Escape sequences in a program are refused, and every string printed from a file is escaped."""
+    spoof = build(next(c for c in CRAFTED if c.name == "ansi-escapes-in-program"), good, tmp_path)[0]
+    assert cli.main(["inspect", str(spoof)]) == cli.USER_ERROR
     out = capsys.readouterr().out
-    assert "\u202e" not in out and "\\u202e" in out
+    assert "\x1b" not in out and "\\x1b[2K" in out
+    report = audit.ArchiveReport(
+        "a\x1b[2K.pt2",
+        manifest={"inputs": ["x\u202e"], "program": "save 1\n# \x1b[1A\x1b[2K\rsteer 2 += 1000", "runtime": {"v": "runtime.v\x07"}},
+        checked=("inputs (x\u202e)",),
+    )
+    text = str(report)
+    assert not any(c in text for c in "\x1b\u202e\x07\r")
+    assert "  | # \\x1b[1A\\x1b[2K\\x0dsteer 2 += 1000" in text.splitlines()
+
+
+def test_inspect_of_a_saved_file_escapes_its_manifest(tmp_path, capsys, monkeypatch):
+    from tdhook_fx.shipping import load
+
+    manifest = {
+        "capture": {"frontend": "fx\x1b]0;", "in_keys": ["in\x1b"], "out_keys": ["out"]},
+        "model": {"class": "M\u202e", "tensors": {}},
+        "program": "save 1\n\x1b[1A\x1b[2Ksteer 2 += 1000",
+        "bound": {"v\x1b": "bound.v"},
+        "functions": ["f\x1b"],
+    }
+    monkeypatch.setattr(load, "read_manifest", lambda path: manifest)
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(b"")
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert not any(c in out for c in "\x1b\u202e") and "\\x1b[2Ksteer 2 += 1000" in out
 
 
 def test_inspect_exits_quietly_when_its_reader_goes_away(good):
@@ -411,3 +436,16 @@ def test_inspect_exits_quietly_when_its_reader_goes_away(good):
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 141, stderr
     assert stderr == ""
+
+
+def test_a_weight_whose_bytes_do_not_match_their_checksum_is_refused_on_loading(good, tmp_path):
+    data = bytearray(good.read_bytes())
+    with zipfile.ZipFile(good) as z:
+        info = next(i for i in z.infolist() if i.filename.endswith("data/weights/weight_0"))
+    local_extra = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+    data[info.header_offset + 30 + len(info.filename.encode()) + local_extra] ^= 0xFF
+    bad = tmp_path / "crc.pt2"
+    bad.write_bytes(bytes(data))
+    assert tdhook_fx.inspect_export(bad).safe  # tensor bytes are data: inspect reads their sizes only
+    with pytest.raises(tdhook_fx.ExportError, match=r"cannot read .*Bad CRC-32"):
+        tdhook_fx.load_export(bad)

@@ -138,6 +138,9 @@ def test_hugging_face_models_run_in_a_fresh_process_without_transformers(name, t
     got = run_fresh(path, inputs, tmp_path)
     with torch.no_grad():
         assert_close_dicts(got["plain"], flat(cm(*inputs)))
+        report = tdhook_fx.inspect_export(path)  # the guarded loader accepts every real export
+        assert report.safe, report.findings()
+        assert_close_dicts(flat(tdhook_fx.load_export(path).module()(*inputs)), got["plain"])
 
 
 # ---- refusals at export ---------------------------------------------------------------------------
