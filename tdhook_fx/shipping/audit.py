@@ -68,7 +68,7 @@ class ArchiveReport:
 
     @property
     def safe(self) -> bool:
-        """Exactly what cm.export writes: no pickle, no native code, nothing in the graph that runs as Python."""
+        """Exactly what cm.export writes: no pickle, no native code, no Python in the graph."""
         return not (self.pickled or self.native or self.code or self.problems)
 
     def findings(self) -> list[str]:
@@ -86,11 +86,15 @@ class ArchiveReport:
         )
         lines = [f"{escaped(self.path)}: {verdict}"]
         if self.manifest is not None:
-            lines.append(f"  exported by tdhook_fx; inputs: {', '.join(map(escaped, self.manifest['inputs']))}")
+            lines.append(
+                f"  exported by tdhook_fx; inputs: {', '.join(map(escaped, self.manifest['inputs']))}"
+            )
             lines.append("  program (as the manifest states it):")
             lines.extend(f"  | {line}" for line in escaped_lines(self.manifest["program"].strip()))
             if self.manifest["runtime"]:
-                lines.append(f"  runtime buffers: {', '.join(map(escaped, self.manifest['runtime'].values()))}")
+                lines.append(
+                    f"  runtime buffers: {', '.join(map(escaped, self.manifest['runtime'].values()))}"
+                )
             if self.checked:
                 lines.append(f"  checked against the graph: {escaped('; '.join(self.checked))}")
             lines.append(
@@ -137,7 +141,13 @@ def load_export(path: str | os.PathLike, *, trusted: bool = False) -> torch.expo
                 with PT2ArchiveWriter(rebuilt) as writer:
                     for name, data in contents.items():
                         writer.write_bytes(name, data() if callable(data) else data)
-            except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as error:  # a bad CRC, a full disk
+            except (
+                zipfile.BadZipFile,
+                OSError,
+                ValueError,
+                EOFError,
+                RuntimeError,
+            ) as error:  # a bad CRC, a full disk
                 raise ExportError(f"cannot read {escaped(str(path))}: {error}") from None
             rebuilt.seek(0)
             return _torch_load(rebuilt, path)
@@ -147,7 +157,9 @@ def _torch_load(source, path) -> torch.export.ExportedProgram:
     try:
         return torch.export.load(source)
     except Exception as error:  # torch's deserializer has many failure modes
-        raise ExportError(f"torch.export.load could not load {escaped(str(path))}: {type(error).__name__}: {error}") from None
+        raise ExportError(
+            f"torch.export.load could not load {escaped(str(path))}: {type(error).__name__}: {error}"
+        ) from None
 
 
 class _Archive:
@@ -203,7 +215,9 @@ class _Audit:
             return ArchiveReport(self.path, problems=(self.archive.error,)), {}
         infos = self.archive.zip.infolist()
         if len(infos) > MAX_ENTRIES:
-            return ArchiveReport(self.path, problems=(f"{len(infos)} entries, more than the {MAX_ENTRIES} allowed",)), {}
+            return ArchiveReport(
+                self.path, problems=(f"{len(infos)} entries, more than the {MAX_ENTRIES} allowed",)
+            ), {}
         self._check_entries(infos)
         contents, parsed = self._read_documents()
         manifest, checked = None, []
@@ -211,8 +225,14 @@ class _Audit:
             graph, weights, constants, manifest = parsed
             checked = self._check_graph(graph, weights, constants, manifest)
         report = ArchiveReport(
-            self.path, tuple(self.entries), tuple(self.pickled), tuple(self.native), tuple(self.code),
-            tuple(self.problems), manifest, tuple(checked),
+            self.path,
+            tuple(self.entries),
+            tuple(self.pickled),
+            tuple(self.native),
+            tuple(self.code),
+            tuple(self.problems),
+            manifest,
+            tuple(checked),
         )
         if read_tensors and report.safe:
             for name, info in self.infos.items():
@@ -229,7 +249,9 @@ class _Audit:
         roots = {info.filename.split("/", 1)[0] for info in infos}
         root = infos[0].filename.split("/", 1)[0] if infos else ""
         if len(roots) != 1 or not root or "/" not in infos[0].filename:
-            self.problems.append(f"expected every entry in one root folder, found {sorted(map(escaped, roots))[:5]}")
+            self.problems.append(
+                f"expected every entry in one root folder, found {sorted(map(escaped, roots))[:5]}"
+            )
         by_case: dict[str, list[str]] = {}
         declared = 0
         for info in infos:
@@ -253,7 +275,8 @@ class _Audit:
             self.problems.append(f"missing {', '.join(missing)} (cm.export writes them)")
         if declared > self.archive.size:
             self.problems.append(
-                f"the entries declare {declared} bytes in a file of {self.archive.size} (entries overlap or are compressed)"
+                f"the entries declare {declared} bytes in a file of {self.archive.size} "
+                "(entries overlap or are compressed)"
             )
 
     def _refuse_entry(self, name: str, inside: bool, root: str) -> str:
@@ -261,7 +284,10 @@ class _Audit:
         if not inside:
             why = f"outside the archive's root folder {root!r}"
         elif _allowed_ignoring_case(folded):
-            why = "differs from an entry cm.export writes only in letter case (torch's reader ignores case and would read it)"
+            why = (
+                "differs from an entry cm.export writes only in letter case "
+                "(torch's reader ignores case and would read it)"
+            )
         elif folded.startswith("models/"):
             why = "a second graph (torch loads every models/* file as a program, with its own configs)"
         else:
@@ -272,15 +298,22 @@ class _Audit:
 
     def _check_stored(self, name: str, info: zipfile.ZipInfo, kind: str) -> None:
         if kind == "empty" and info.file_size:
-            self.pickled.append(f"{name}: not empty (torch would unpickle it, with weights_only=False if need be)")
+            self.pickled.append(
+                f"{name}: not empty (torch would unpickle it, with weights_only=False if need be)"
+            )
         elif info.compress_type != zipfile.ZIP_STORED:
-            self.problems.append(f"{name}: compressed (torch writes entries stored; compressed data can expand far beyond the file)")
+            self.problems.append(
+                f"{name}: compressed (torch writes entries stored; "
+                "compressed data can expand far beyond the file)"
+            )
         elif info.flag_bits & 0x1:
             self.problems.append(f"{name}: encrypted")
         elif info.file_size != info.compress_size:
             self.problems.append(f"{name}: declares {info.file_size} bytes but stores {info.compress_size}")
         elif kind in fmt.LIMITS and info.file_size > fmt.LIMITS[kind]:
-            self.problems.append(f"{name}: {info.file_size} bytes, more than the {fmt.LIMITS[kind]} a {kind} entry may hold")
+            self.problems.append(
+                f"{name}: {info.file_size} bytes, more than the {fmt.LIMITS[kind]} a {kind} entry may hold"
+            )
 
     # ---- contents ----
 
@@ -296,8 +329,10 @@ class _Audit:
         contents: dict[str, bytes] = {}
         parsed = []
         documents = (
-            (fmt.GRAPH_ENTRY, fmt.GRAPH), (fmt.WEIGHTS_CONFIG_ENTRY, fmt.WEIGHTS),
-            (fmt.CONSTANTS_CONFIG_ENTRY, fmt.CONSTANTS), (fmt.MANIFEST_ENTRY, fmt.MANIFEST),
+            (fmt.GRAPH_ENTRY, fmt.GRAPH),
+            (fmt.WEIGHTS_CONFIG_ENTRY, fmt.WEIGHTS),
+            (fmt.CONSTANTS_CONFIG_ENTRY, fmt.CONSTANTS),
+            (fmt.MANIFEST_ENTRY, fmt.MANIFEST),
         )
         for name, info in self.infos.items():
             kind = fmt.entry_kind(name)
@@ -332,7 +367,11 @@ class _Audit:
         return contents, parsed
 
     def _check_graph(self, graph: dict, weights: dict, constants: dict, manifest: dict) -> list[str]:
-        sizes = {name: info.file_size for name, info in self.infos.items() if fmt.entry_kind(name) == "tensor bytes"}
+        sizes = {
+            name: info.file_size
+            for name, info in self.infos.items()
+            if fmt.entry_kind(name) == "tensor bytes"
+        }
         for directory, config in (("data/weights", weights), ("data/constants", constants)):
             self.problems.extend(f"{directory}: {p}" for p in fmt.check_storage(config, directory, sizes))
         self.code.extend(f"{fmt.GRAPH_ENTRY}: {line}" for line in fmt.check_guards(graph, manifest["inputs"]))
@@ -342,9 +381,13 @@ class _Audit:
 
 
 def _refused_kind(folded: str) -> str:
-    if folded.startswith(("data/aotinductor/", "data/executorch/", "data/mtia")) or folded.endswith((".so", ".dll", ".dylib")):
+    if folded.startswith(("data/aotinductor/", "data/executorch/", "data/mtia")) or folded.endswith(
+        (".so", ".dll", ".dylib")
+    ):
         return "native code"
-    if folded.endswith((".pt", ".pkl", ".pickle")) or any(p in folded for p in ("custom_obj_", "opaque_obj_")):
+    if folded.endswith((".pt", ".pkl", ".pickle")) or any(
+        p in folded for p in ("custom_obj_", "opaque_obj_")
+    ):
         return "pickle"
     if folded.startswith(("data/weights/", "data/constants/")) and not folded.endswith(".json"):
         return "pickle"  # a payload a crafted config can point torch at (use_pickle)

@@ -256,7 +256,8 @@ def inspect_command(args) -> int:
     if manifest["bound"]:
         lines.append(f"  bound values: {', '.join('$' + escaped(name) for name in manifest['bound'])}")
     if manifest["functions"]:
-        lines.append(f"  functions to bind again after loading: {', '.join('$' + escaped(f) for f in manifest['functions'])}")
+        functions = ", ".join("$" + escaped(f) for f in manifest["functions"])
+        lines.append(f"  functions to bind again after loading: {functions}")
     print("\n".join(lines))
     return 0
 

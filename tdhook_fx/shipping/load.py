@@ -109,7 +109,7 @@ def load(path: str | os.PathLike, model: nn.Module, *, check_weights: bool = Tru
 
 
 def _open(path, with_tensors: bool = False) -> tuple[dict, dict]:
-    """(manifest, tensors): the manifest checked, then the tensor names, shapes and dtypes, then the tensors."""
+    """(manifest, tensors): the manifest checked, then the tensors' names, shapes and dtypes, then the tensors."""
     safetensors = safetensors_module()
     path = Path(path)
     if not path.is_file():
@@ -159,7 +159,9 @@ def _manifest(raw: str, path) -> dict:
     for what, prefix in (("bound", "bound"), ("masks", "mask")):
         for name, key in manifest[what].items():
             if key != f"{prefix}.{name}":
-                raise ExportError(f"{path}: its manifest's {what}[{name!r}] names the tensor {key!r}, not '{prefix}.{name}'")
+                raise ExportError(
+                    f"{path}: its manifest's {what}[{name!r}] names the tensor {key!r}, not '{prefix}.{name}'"
+                )
     model = manifest["model"]
     if set(model["sha256"]) != set(model["tensors"]):
         missing = sorted(set(model["tensors"]) - set(model["sha256"]))[:3]
@@ -173,7 +175,8 @@ def _manifest(raw: str, path) -> dict:
 def _check_tensors(manifest: dict, shapes: dict[str, list[int]], path) -> None:
     """The file's tensors are exactly those the manifest names, the example within bounds."""
     example = manifest["capture"]["example"]
-    expected = {f"example.{i}" for i in range(len(example))} | set(manifest["bound"].values()) | set(manifest["masks"].values())
+    expected = {f"example.{i}" for i in range(len(example))}
+    expected |= set(manifest["bound"].values()) | set(manifest["masks"].values())
     if set(shapes) != expected:
         missing, extra = sorted(expected - set(shapes)), sorted(set(shapes) - expected)
         raise ExportError(
@@ -184,7 +187,9 @@ def _check_tensors(manifest: dict, shapes: dict[str, list[int]], path) -> None:
         )
     for i, declared in enumerate(example):
         if list(shapes[f"example.{i}"]) != declared["shape"]:
-            raise ExportError(f"{path}: example.{i} has the shape {shapes[f'example.{i}']}, the manifest says {declared['shape']}")
+            raise ExportError(
+                f"{path}: example.{i} has the shape {shapes[f'example.{i}']}, the manifest says {declared['shape']}"
+            )
     too_large = example_too_large([declared["shape"] for declared in example])
     if too_large:
         raise ExportError(

@@ -36,27 +36,84 @@ MAX_GUARD = 1000  # characters of one guard
 
 # ---- call targets -------------------------------------------------------------------------------
 
-SYMBOLIC_TARGETS = frozenset({
-    *(f"_operator.{name}" for name in (
-        "eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub", "floordiv", "mod", "truediv",
-        "and_", "or_",
-    )),
-    "math.trunc",
-    *(f"torch.{name}" for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt")),
-})
+SYMBOLIC_TARGETS = frozenset(
+    {
+        *(
+            f"_operator.{name}"
+            for name in (
+                "eq",
+                "ne",
+                "le",
+                "ge",
+                "lt",
+                "gt",
+                "neg",
+                "pos",
+                "mul",
+                "add",
+                "sub",
+                "floordiv",
+                "mod",
+                "truediv",
+                "and_",
+                "or_",
+            )
+        ),
+        "math.trunc",
+        *(
+            f"torch.{name}"
+            for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt")
+        ),
+    }
+)
 _ATEN_TARGET = re.compile(r"torch\.ops\.aten\.([a-z_][a-z0-9_]*)\.([A-Za-z_][A-Za-z0-9_]*)")
-_VALUE_TYPES = frozenset({
-    "Tensor", "int", "bool", "float", "number", "complex", "ScalarType", "Layout", "Device", "MemoryFormat",
-    "Generator",
-})
-_ASSERTIONS = frozenset({  # operators run for their effect, which is only to fail on bad inputs
-    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "_functional_assert_async",
-    "_functional_assert_scalar", "sym_constrain_range", "sym_constrain_range_for_size",
-})
-_MODE_ARGUMENTS = frozenset({  # string arguments that only name a mode of the computation
-    "approximate", "assert_msg", "driver", "equation", "indexing", "interpolation", "mode", "norm", "ord", "p",
-    "pad_mode", "padding", "padding_side", "reduce", "rounding_mode", "side", "UPLO",
-})
+_VALUE_TYPES = frozenset(
+    {
+        "Tensor",
+        "int",
+        "bool",
+        "float",
+        "number",
+        "complex",
+        "ScalarType",
+        "Layout",
+        "Device",
+        "MemoryFormat",
+        "Generator",
+    }
+)
+_ASSERTIONS = frozenset(
+    {  # operators run for their effect, which is only to fail on bad inputs
+        "_assert_tensor_metadata",
+        "_assert_scalar",
+        "_assert_async",
+        "_functional_assert_async",
+        "_functional_assert_scalar",
+        "sym_constrain_range",
+        "sym_constrain_range_for_size",
+    }
+)
+_MODE_ARGUMENTS = frozenset(
+    {  # string arguments that only name a mode of the computation
+        "approximate",
+        "assert_msg",
+        "driver",
+        "equation",
+        "indexing",
+        "interpolation",
+        "mode",
+        "norm",
+        "ord",
+        "p",
+        "pad_mode",
+        "padding",
+        "padding_side",
+        "reduce",
+        "rounding_mode",
+        "side",
+        "UPLO",
+    }
+)
 
 
 def target_problem(target: str) -> str | None:
@@ -72,7 +129,9 @@ def target_problem(target: str) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _aten_problem(name: str, overload: str) -> str | None:
     wanted = "" if overload == "default" else overload
-    schemas = [s for s in torch._C._jit_get_schemas_for_operator(f"aten::{name}") if s.overload_name == wanted]
+    schemas = [
+        s for s in torch._C._jit_get_schemas_for_operator(f"aten::{name}") if s.overload_name == wanted
+    ]
     if not schemas:
         return "is not a registered aten operator"
     try:  # TorchScript's builtins (aten::save, aten::manual_seed) are not dispatcher operators
@@ -105,13 +164,34 @@ def _value_type(kind: str) -> bool:
 
 _EXPRESSION_CHARACTERS = re.compile(r"[A-Za-z0-9_(), '=\-]*")
 SYMBOL_NAME = re.compile(r"[a-z]{1,4}[0-9]{1,9}")
-_SYMBOL_FLAGS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero"})
+_SYMBOL_FLAGS = frozenset(
+    {"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "nonzero"}
+)
 _ARITY = {  # sympy (and torch.utils._sympy) constructors and their numbers of arguments
     **dict.fromkeys(("Add", "Mul", "Min", "Max", "And", "Or"), (2, None)),
-    **dict.fromkeys((
-        "FloorDiv", "Mod", "PythonMod", "CleanDiv", "CeilDiv", "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "StrictLessThan",
-        "StrictGreaterThan", "LessThan", "GreaterThan", "Equality", "Unequality", "Rational",
-    ), (2, 2)),
+    **dict.fromkeys(
+        (
+            "FloorDiv",
+            "Mod",
+            "PythonMod",
+            "CleanDiv",
+            "CeilDiv",
+            "Eq",
+            "Ne",
+            "Lt",
+            "Le",
+            "Gt",
+            "Ge",
+            "StrictLessThan",
+            "StrictGreaterThan",
+            "LessThan",
+            "GreaterThan",
+            "Equality",
+            "Unequality",
+            "Rational",
+        ),
+        (2, 2),
+    ),
     **dict.fromkeys(("Not", "FloorToInt", "CeilToInt", "TruncToInt", "Identity"), (1, 1)),
     "ModularIndexing": (3, 3),
 }
@@ -138,7 +218,11 @@ def _sympy_problem(node, inside_power: bool) -> str | None:
         return "is not a call of a sympy constructor"
     name, args = node.func.id, node.args
     if name == "Integer":
-        return None if len(args) == 1 and not node.keywords and _literal(args[0]) is not None else "has a malformed Integer"
+        return (
+            None
+            if len(args) == 1 and not node.keywords and _literal(args[0]) is not None
+            else "has a malformed Integer"
+        )
     if name == "Symbol":
         return _symbol_problem(node)
     if node.keywords:
@@ -150,7 +234,11 @@ def _sympy_problem(node, inside_power: bool) -> str | None:
             return f"has a power whose exponent is not an Integer of at most {MAX_EXPONENT}"
         return _sympy_problem(args[0], inside_power=True)
     if name == "Rational":
-        return None if len(args) == 2 and all(_literal(a) is not None for a in args) else "has a malformed Rational"
+        return (
+            None
+            if len(args) == 2 and all(_literal(a) is not None for a in args)
+            else "has a malformed Rational"
+        )
     if name not in _ARITY:
         return f"calls {name!r}"
     low, high = _ARITY[name]
@@ -164,20 +252,33 @@ def _sympy_problem(node, inside_power: bool) -> str | None:
 
 
 def _symbol_problem(node: ast.Call) -> str | None:
-    if len(node.args) != 1 or not isinstance(node.args[0], ast.Constant) or not isinstance(node.args[0].value, str):
+    if (
+        len(node.args) != 1
+        or not isinstance(node.args[0], ast.Constant)
+        or not isinstance(node.args[0].value, str)
+    ):
         return "has a malformed Symbol"
     if not SYMBOL_NAME.fullmatch(node.args[0].value):
         return f"has a symbol named {node.args[0].value!r}"
     for keyword in node.keywords:
         value = keyword.value
-        if keyword.arg not in _SYMBOL_FLAGS or not isinstance(value, ast.Constant) or type(value.value) is not bool:
+        if (
+            keyword.arg not in _SYMBOL_FLAGS
+            or not isinstance(value, ast.Constant)
+            or type(value.value) is not bool
+        ):
             return "has a Symbol with an unexpected assumption"
     return None
 
 
 def _integer(node) -> int | None:
     """The value of `Integer(n)`."""
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "Integer" and len(node.args) == 1:
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Integer"
+        and len(node.args) == 1
+    ):
         return _literal(node.args[0])
     return None
 
@@ -222,29 +323,43 @@ def _plain_guard(node, inputs: set[str]) -> bool:
         return isinstance(node.op, (ast.Not, ast.USub)) and _plain_guard(node.operand, inputs)
     if isinstance(node, ast.BinOp):
         arithmetic = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
-        return isinstance(node.op, arithmetic) and _plain_guard(node.left, inputs) and _plain_guard(node.right, inputs)
+        return (
+            isinstance(node.op, arithmetic)
+            and _plain_guard(node.left, inputs)
+            and _plain_guard(node.right, inputs)
+        )
     if isinstance(node, ast.Subscript):  # L['x'].size()[0]
         index = node.slice
         return isinstance(index, ast.Constant) and type(index.value) is int and _size_call(node.value, inputs)
     if isinstance(node, ast.Call):  # L['x'].storage_offset()
         function = node.func
         return (
-            isinstance(function, ast.Attribute) and function.attr == "storage_offset" and not node.args
-            and not node.keywords and _input(function.value, inputs)
+            isinstance(function, ast.Attribute)
+            and function.attr == "storage_offset"
+            and not node.args
+            and not node.keywords
+            and _input(function.value, inputs)
         )
     return False
 
 
 def _size_call(node, inputs: set[str]) -> bool:
     return (
-        isinstance(node, ast.Call) and not node.args and not node.keywords and isinstance(node.func, ast.Attribute)
-        and node.func.attr in _TENSOR_METHODS and _input(node.func.value, inputs)
+        isinstance(node, ast.Call)
+        and not node.args
+        and not node.keywords
+        and isinstance(node.func, ast.Attribute)
+        and node.func.attr in _TENSOR_METHODS
+        and _input(node.func.value, inputs)
     )
 
 
 def _input(node, inputs: set[str]) -> bool:
     """`L['name']` for one of the program's inputs."""
     return (
-        isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "L"
-        and isinstance(node.slice, ast.Constant) and node.slice.value in inputs
+        isinstance(node, ast.Subscript)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "L"
+        and isinstance(node.slice, ast.Constant)
+        and node.slice.value in inputs
     )

@@ -89,7 +89,14 @@ def entry_kind(name: str) -> str | None:
     return None
 
 
-REQUIRED_ENTRIES = (GRAPH_ENTRY, WEIGHTS_CONFIG_ENTRY, CONSTANTS_CONFIG_ENTRY, SAMPLE_INPUTS_ENTRY, MANIFEST_ENTRY, *FORMAT_ENTRIES)
+REQUIRED_ENTRIES = (
+    GRAPH_ENTRY,
+    WEIGHTS_CONFIG_ENTRY,
+    CONSTANTS_CONFIG_ENTRY,
+    SAMPLE_INPUTS_ENTRY,
+    MANIFEST_ENTRY,
+    *FORMAT_ENTRIES,
+)
 
 # ---- names --------------------------------------------------------------------------------------
 
@@ -103,7 +110,9 @@ KEY = text(max_length=1024)  # a TensorDict key or saved name, as text
 
 def _not_pickled(value, where) -> None:
     if value is not False:
-        raise PickleInFile(where, f"use_pickle is {shown(value)}: torch would torch.load(weights_only=False) the payload")
+        raise PickleInFile(
+            where, f"use_pickle is {shown(value)}: torch would torch.load(weights_only=False) the payload"
+        )
 
 
 def _expression(value, where) -> None:
@@ -117,108 +126,159 @@ def _target(value, where) -> None:
     text(max_length=256)(value, where)
     problem = target_problem(value)
     if problem:
-        raise CodeInFile(where, f"call target {shown(value)} {problem}; it would be called when the graph runs")
+        raise CodeInFile(
+            where, f"call target {shown(value)} {problem}; it would be called when the graph runs"
+        )
 
 
 # ---- the graph (schema.py's dataclasses, as JSON) -----------------------------------------------
 
 ELEMENT_SIZES = {  # ScalarType (schema.py) -> bytes per element
-    1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 2, 7: 4, 8: 8, 9: 4, 10: 8, 11: 16, 12: 1, 13: 2, 28: 2,
-    29: 1, 30: 1, 31: 1, 32: 1, 33: 1, 34: 4, 35: 8,
+    1: 1,
+    2: 1,
+    3: 2,
+    4: 4,
+    5: 8,
+    6: 2,
+    7: 4,
+    8: 8,
+    9: 4,
+    10: 8,
+    11: 16,
+    12: 1,
+    13: 2,
+    28: 2,
+    29: 1,
+    30: 1,
+    31: 1,
+    32: 1,
+    33: 1,
+    34: 4,
+    35: 8,
 }
 STRIDED = 7  # Layout.Strided
 _SIZE = 1 << 62
 DTYPE = const(*ELEMENT_SIZES)
 DEVICE = record({"type": const("cpu", "cuda", "meta")}, {"index": nullable(whole(0, 1024))})
-SYM_EXPR = record({"expr_str": _expression}, {"hint": nullable(one_of({"as_int": whole(), "as_bool": flag, "as_float": real}))})
+SYM_EXPR = record(
+    {"expr_str": _expression},
+    {"hint": nullable(one_of({"as_int": whole(), "as_bool": flag, "as_float": real}))},
+)
 SYM_INT = one_of({"as_expr": SYM_EXPR, "as_int": whole(-_SIZE, _SIZE)})
 SYM_BOOL = one_of({"as_expr": SYM_EXPR, "as_bool": flag})
 SYM_FLOAT = one_of({"as_expr": SYM_EXPR, "as_float": real})
-TENSOR_META = record({
-    "dtype": DTYPE,
-    "sizes": items(SYM_INT, 64),
-    "requires_grad": flag,
-    "device": DEVICE,
-    "strides": items(SYM_INT, 64),
-    "storage_offset": SYM_INT,
-    "layout": const(STRIDED),
-})
+TENSOR_META = record(
+    {
+        "dtype": DTYPE,
+        "sizes": items(SYM_INT, 64),
+        "requires_grad": flag,
+        "device": DEVICE,
+        "strides": items(SYM_INT, 64),
+        "storage_offset": SYM_INT,
+        "layout": const(STRIDED),
+    }
+)
 TENSOR = record({"name": NAME})
 SYM_INT_ARGUMENT = one_of({"as_name": NAME, "as_int": whole()})
 SYM_FLOAT_ARGUMENT = one_of({"as_name": NAME, "as_float": real})
 SYM_BOOL_ARGUMENT = one_of({"as_name": NAME, "as_bool": flag})
 OPTIONAL_TENSOR = one_of({"as_tensor": TENSOR, "as_none": flag})
-ARGUMENT = one_of({
-    "as_none": flag,
-    "as_tensor": TENSOR,
-    "as_tensors": items(TENSOR),
-    "as_int": whole(),
-    "as_ints": items(whole()),
-    "as_float": real,
-    "as_floats": items(real),
-    "as_string": text(max_length=256),
-    "as_sym_int": SYM_INT_ARGUMENT,
-    "as_sym_ints": items(SYM_INT_ARGUMENT),
-    "as_scalar_type": DTYPE,
-    "as_memory_format": const(0, 1, 2, 3, 4),
-    "as_layout": const(*range(8)),
-    "as_device": DEVICE,
-    "as_bool": flag,
-    "as_bools": items(flag),
-    "as_sym_bool": SYM_BOOL_ARGUMENT,
-    "as_sym_bools": items(SYM_BOOL_ARGUMENT),
-    "as_optional_tensors": items(OPTIONAL_TENSOR),
-    "as_sym_float": SYM_FLOAT_ARGUMENT,
-    "as_sym_floats": items(SYM_FLOAT_ARGUMENT),
-    "as_optional_tensor": OPTIONAL_TENSOR,
-    "as_complex": record({"real": real, "imag": real}),
-    "as_nested_tensors": items(items(TENSOR)),
-    "as_int_lists": items(items(whole())),
-    "as_float_lists": items(items(real)),
-})
-OUTPUT = one_of({
-    "as_tensor": TENSOR,
-    "as_tensors": items(TENSOR),
-    "as_none": flag,
-    "as_sym_int": SYM_INT_ARGUMENT,
-    "as_sym_bool": SYM_BOOL_ARGUMENT,
-    "as_sym_float": SYM_FLOAT_ARGUMENT,
-    "as_optional_tensors": items(OPTIONAL_TENSOR),
-})
+ARGUMENT = one_of(
+    {
+        "as_none": flag,
+        "as_tensor": TENSOR,
+        "as_tensors": items(TENSOR),
+        "as_int": whole(),
+        "as_ints": items(whole()),
+        "as_float": real,
+        "as_floats": items(real),
+        "as_string": text(max_length=256),
+        "as_sym_int": SYM_INT_ARGUMENT,
+        "as_sym_ints": items(SYM_INT_ARGUMENT),
+        "as_scalar_type": DTYPE,
+        "as_memory_format": const(0, 1, 2, 3, 4),
+        "as_layout": const(*range(8)),
+        "as_device": DEVICE,
+        "as_bool": flag,
+        "as_bools": items(flag),
+        "as_sym_bool": SYM_BOOL_ARGUMENT,
+        "as_sym_bools": items(SYM_BOOL_ARGUMENT),
+        "as_optional_tensors": items(OPTIONAL_TENSOR),
+        "as_sym_float": SYM_FLOAT_ARGUMENT,
+        "as_sym_floats": items(SYM_FLOAT_ARGUMENT),
+        "as_optional_tensor": OPTIONAL_TENSOR,
+        "as_complex": record({"real": real, "imag": real}),
+        "as_nested_tensors": items(items(TENSOR)),
+        "as_int_lists": items(items(whole())),
+        "as_float_lists": items(items(real)),
+    }
+)
+OUTPUT = one_of(
+    {
+        "as_tensor": TENSOR,
+        "as_tensors": items(TENSOR),
+        "as_none": flag,
+        "as_sym_int": SYM_INT_ARGUMENT,
+        "as_sym_bool": SYM_BOOL_ARGUMENT,
+        "as_sym_float": SYM_FLOAT_ARGUMENT,
+        "as_optional_tensors": items(OPTIONAL_TENSOR),
+    }
+)
 NODE = record(
     {
         "target": _target,
         "inputs": items(record({"name": NAME, "arg": ARGUMENT}, {"kind": nullable(const(0, 1, 2))})),
         "outputs": items(OUTPUT),
-        "metadata": record({}, {
-            "stack_trace": text(newlines=True),
-            "nn_module_stack": text(),
-            "torch_fn": text(max_length=4096),
-        }),
+        "metadata": record(
+            {},
+            {
+                "stack_trace": text(newlines=True),
+                "nn_module_stack": text(),
+                "torch_fn": text(max_length=4096),
+            },
+        ),
     },
     {"is_hop_single_tensor_return": const(None), "name": nullable(NAME)},
 )
 GRAPH_TENSOR = one_of({"as_tensor": TENSOR})
 _EMPTY = table(text(), text(), max_length=0)
-SIGNATURE = record({
-    "input_specs": items(one_of({
-        "user_input": record({"arg": GRAPH_TENSOR}),
-        "parameter": record({"arg": TENSOR, "parameter_name": FQN}),
-        "buffer": record({"arg": TENSOR, "buffer_name": FQN, "persistent": flag}),
-        "tensor_constant": record({"arg": TENSOR, "tensor_constant_name": FQN}),
-    })),
-    "output_specs": items(one_of({
-        "user_output": record({"arg": GRAPH_TENSOR}),
-        "buffer_mutation": record({"arg": TENSOR, "buffer_name": FQN}),
-    })),
-})
+SIGNATURE = record(
+    {
+        "input_specs": items(
+            one_of(
+                {
+                    "user_input": record({"arg": GRAPH_TENSOR}),
+                    "parameter": record({"arg": TENSOR, "parameter_name": FQN}),
+                    "buffer": record({"arg": TENSOR, "buffer_name": FQN, "persistent": flag}),
+                    "tensor_constant": record({"arg": TENSOR, "tensor_constant_name": FQN}),
+                }
+            )
+        ),
+        "output_specs": items(
+            one_of(
+                {
+                    "user_output": record({"arg": GRAPH_TENSOR}),
+                    "buffer_mutation": record({"arg": TENSOR, "buffer_name": FQN}),
+                }
+            )
+        ),
+    }
+)
 MODULE_CALL = record(
     {"fqn": both(text(max_length=4096), lambda v, w: v == "" or FQN(v, w))},
-    {"signature": nullable(record(
-        {"inputs": items(ARGUMENT), "outputs": items(ARGUMENT), "in_spec": text(max_length=1 << 20),
-         "out_spec": text(max_length=1 << 20)},
-        {"forward_arg_names": nullable(items(NAME))},
-    ))},
+    {
+        "signature": nullable(
+            record(
+                {
+                    "inputs": items(ARGUMENT),
+                    "outputs": items(ARGUMENT),
+                    "in_spec": text(max_length=1 << 20),
+                    "out_spec": text(max_length=1 << 20),
+                },
+                {"forward_arg_names": nullable(items(NAME))},
+            )
+        )
+    },
 )
 GRAPH = record(
     {
@@ -233,7 +293,11 @@ GRAPH = record(
                         "sym_int_values": table(NAME, SYM_INT),
                         "sym_bool_values": table(NAME, SYM_BOOL),
                     },
-                    {"is_single_tensor_return": flag, "custom_obj_values": _EMPTY, "sym_float_values": table(NAME, SYM_FLOAT)},
+                    {
+                        "is_single_tensor_return": flag,
+                        "custom_obj_values": _EMPTY,
+                        "sym_float_values": table(NAME, SYM_FLOAT),
+                    },
                 ),
                 "signature": SIGNATURE,
                 "module_call_graph": items(MODULE_CALL),
@@ -257,24 +321,28 @@ GRAPH = record(
 # ---- weights and constants: where each tensor's bytes are ----------------------------------------
 
 _CONCRETE = one_of({"as_int": whole(0, _SIZE)})
-_STORED_META = record({
-    "dtype": DTYPE,
-    "sizes": items(_CONCRETE, 64),
-    "requires_grad": flag,
-    "device": record({"type": const("cpu", "cuda")}, {"index": nullable(whole(0, 1024))}),
-    "strides": items(_CONCRETE, 64),
-    "storage_offset": _CONCRETE,
-    "layout": const(STRIDED),
-})
+_STORED_META = record(
+    {
+        "dtype": DTYPE,
+        "sizes": items(_CONCRETE, 64),
+        "requires_grad": flag,
+        "device": record({"type": const("cpu", "cuda")}, {"index": nullable(whole(0, 1024))}),
+        "strides": items(_CONCRETE, 64),
+        "storage_offset": _CONCRETE,
+        "layout": const(STRIDED),
+    }
+)
 
 
 def _payload_config(prefix: str):
-    meta = record({
-        "path_name": text(max_length=32, pattern=rf"{prefix}_(?:0|[1-9][0-9]{{0,8}})"),
-        "is_param": flag,
-        "use_pickle": _not_pickled,
-        "tensor_meta": _STORED_META,
-    })
+    meta = record(
+        {
+            "path_name": text(max_length=32, pattern=rf"{prefix}_(?:0|[1-9][0-9]{{0,8}})"),
+            "is_param": flag,
+            "use_pickle": _not_pickled,
+            "tensor_meta": _STORED_META,
+        }
+    )
     return record({"config": table(FQN, meta)})
 
 
@@ -283,14 +351,16 @@ CONSTANTS = _payload_config("tensor")
 
 # ---- the manifest (export.py writes it) ---------------------------------------------------------
 
-MANIFEST = record({
-    "program": text(max_length=1 << 20, newlines=True),
-    "inputs": items(NAME, 1024),
-    "in_keys": items(KEY, 1024),
-    "out_keys": items(KEY, 1024),
-    "saved": items(KEY, 1 << 16),
-    "runtime": table(NAME, text(max_length=300, pattern=r"runtime\.[A-Za-z_][A-Za-z0-9_]*"), 1 << 16),
-})
+MANIFEST = record(
+    {
+        "program": text(max_length=1 << 20, newlines=True),
+        "inputs": items(NAME, 1024),
+        "in_keys": items(KEY, 1024),
+        "out_keys": items(KEY, 1024),
+        "saved": items(KEY, 1 << 16),
+        "runtime": table(NAME, text(max_length=300, pattern=r"runtime\.[A-Za-z_][A-Za-z0-9_]*"), 1 << 16),
+    }
+)
 
 
 def canonical(raw: bytes, spec, limit: int):
@@ -349,7 +419,9 @@ def check_storage(config: dict, directory: str, sizes: dict[str, int]) -> list[s
     return problems
 
 
-def check_against_manifest(graph: dict, weights: dict, constants: dict, manifest: dict) -> tuple[list[str], list[str]]:
+def check_against_manifest(
+    graph: dict, weights: dict, constants: dict, manifest: dict
+) -> tuple[list[str], list[str]]:
     """(problems, what was checked) comparing the graph's signature with the configs and the manifest."""
     module = graph["graph_module"]
     signature = module["signature"]
@@ -357,9 +429,11 @@ def check_against_manifest(graph: dict, weights: dict, constants: dict, manifest
     inputs = manifest["inputs"]
     kinds: dict[str, list] = {}
     for spec in signature["input_specs"]:
-        (kind, value), = spec.items()
+        ((kind, value),) = spec.items()
         kinds.setdefault(kind, []).append(value)
-    outputs = [value for spec in signature["output_specs"] for kind, value in spec.items() if kind == "user_output"]
+    outputs = [
+        value for spec in signature["output_specs"] for kind, value in spec.items() if kind == "user_output"
+    ]
     user_inputs = [value["arg"]["as_tensor"]["name"] for value in kinds.get("user_input", [])]
     if len(user_inputs) != len(inputs):
         problems.append(f"the graph takes {len(user_inputs)} inputs, the manifest names {len(inputs)}")
@@ -375,16 +449,24 @@ def check_against_manifest(graph: dict, weights: dict, constants: dict, manifest
     if graph_outputs != spec_outputs:
         problems.append("the graph's outputs are not those of its signature")
     buffers = {b["buffer_name"]: b["persistent"] for b in kinds.get("buffer", [])}
-    stored = {p["parameter_name"] for p in kinds.get("parameter", [])} | {n for n, keep in buffers.items() if keep}
-    constant = {c["tensor_constant_name"] for c in kinds.get("tensor_constant", [])} | {n for n, keep in buffers.items() if not keep}
+    stored = {p["parameter_name"] for p in kinds.get("parameter", [])} | {
+        n for n, keep in buffers.items() if keep
+    }
+    constant = {c["tensor_constant_name"] for c in kinds.get("tensor_constant", [])} | {
+        n for n, keep in buffers.items() if not keep
+    }
     for what, names, config in (("weights", stored, weights), ("constants", constant, constants)):
         if set(config["config"]) != names:
             extra = sorted(set(config["config"]) - names)[:3]
             missing = sorted(names - set(config["config"]))[:3]
-            problems.append(f"the {what} config does not match the graph's signature (extra {extra}, missing {missing})")
+            problems.append(
+                f"the {what} config does not match the graph's signature (extra {extra}, missing {missing})"
+            )
     for name, buffer in manifest["runtime"].items():
         if buffer != f"runtime.{name}":
-            problems.append(f"the manifest's runtime value {name!r} names the buffer {buffer!r}, not 'runtime.{name}'")
+            problems.append(
+                f"the manifest's runtime value {name!r} names the buffer {buffer!r}, not 'runtime.{name}'"
+            )
         elif buffer not in buffers:
             problems.append(f"the manifest's runtime buffer {buffer!r} is not a buffer of the graph")
     problems.extend(_check_calls(module["module_call_graph"], manifest))
@@ -402,7 +484,9 @@ def check_guards(graph: dict, inputs: list[str]) -> list[str]:
     for i, guard in enumerate(graph.get("guards_code", [])):
         problem = guard_problem(guard, set(inputs))
         if problem:
-            found.append(f"guards_code[{i}]: guard code {shown(guard)} {problem} (it would run as Python on every call)")
+            found.append(
+                f"guards_code[{i}]: guard code {shown(guard)} {problem} (it would run as Python on every call)"
+            )
     return found
 
 
@@ -415,7 +499,11 @@ def _check_calls(calls: list, manifest: dict) -> list[str]:
     """The root call signature: the manifest's inputs in, its outputs (and saved values) out."""
     if not calls or calls[0]["fqn"] != "" or calls[0].get("signature") is None:
         return ["module_call_graph: the first entry is not the root call with its signature"]
-    problems = [f"module_call_graph[{i}]: only the root call may carry a signature" for i, c in enumerate(calls[1:], 1) if c.get("signature")]
+    problems = [
+        f"module_call_graph[{i}]: only the root call may carry a signature"
+        for i, c in enumerate(calls[1:], 1)
+        if c.get("signature")
+    ]
     root = calls[0]["signature"]
     if root.get("forward_arg_names") != manifest["inputs"]:
         problems.append("module_call_graph: the forward's argument names are not the manifest's inputs")
@@ -433,6 +521,10 @@ def _check_calls(calls: list, manifest: dict) -> list[str]:
         except Invalid:
             same = False
         if not same:
-            what = "inputs (a tuple of the manifest's inputs)" if key == "in_spec" else "outputs (the manifest's out_keys and saved)"
+            what = (
+                "inputs (a tuple of the manifest's inputs)"
+                if key == "in_spec"
+                else "outputs (the manifest's out_keys and saved)"
+            )
             problems.append(f"module_call_graph: the {key} is not that of the manifest's {what}")
     return problems

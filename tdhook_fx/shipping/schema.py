@@ -1,12 +1,12 @@
 """Allow-list checks for JSON read from a file: bounded parsing and declared shapes.
 
-`parse_json(raw, what, limit)` refuses text over `limit` bytes, invalid UTF-8, and nesting
+`parse_json(raw, limit)` refuses text over `limit` bytes, invalid UTF-8, and nesting
 deeper than Python's recursion limit, before anything else looks at it. A `Spec` is a
 function `(value, where)` that raises `Invalid(where, message)` unless `value` has exactly
 the declared shape: `record` refuses unknown keys, `text` refuses control characters,
-`whole` refuses booleans and out-of-range integers (`Invalid` is errors.FileFormatError). Specs compose (`items(record({...}))`),
+`whole` refuses booleans and out-of-range integers. Specs compose (`items(record({...}))`),
 so a file's whole format is written down as one value, and `where` locates any refusal
-(`graph_module.graph.nodes[3].target`).
+(`graph_module.graph.nodes[3].target`). `Invalid` is `errors.FileFormatError`.
 """
 
 from __future__ import annotations
@@ -181,7 +181,9 @@ def record(required: dict[str, Spec], optional: dict[str, Spec] | None = None) -
             raise Invalid(where, f"expected an object, found {shown(value)}")
         unknown = [k for k in value if k not in required and k not in optional]
         if unknown:
-            raise Invalid(where, f"unexpected key {shown(unknown[0])} (allowed: {', '.join([*required, *optional])})")
+            raise Invalid(
+                where, f"unexpected key {shown(unknown[0])} (allowed: {', '.join([*required, *optional])})"
+            )
         missing = [k for k in required if k not in value]
         if missing:
             raise Invalid(where, f"missing key {missing[0]!r}")
@@ -196,8 +198,10 @@ def one_of(variants: dict[str, Spec]) -> Spec:
 
     def check(value, where):
         if not isinstance(value, dict) or len(value) != 1:
-            raise Invalid(where, f"expected an object with one of the keys {', '.join(variants)}, found {shown(value)}")
-        (tag, inner), = value.items()
+            raise Invalid(
+                where, f"expected an object with one of the keys {', '.join(variants)}, found {shown(value)}"
+            )
+        ((tag, inner),) = value.items()
         if tag not in variants:
             raise Invalid(where, f"{shown(tag)} is not allowed here (allowed: {', '.join(variants)})")
         variants[tag](inner, f"{where}.{tag}")

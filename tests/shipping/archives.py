@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from tests.shipping.payloads import pickled
+from tests.shipping.payloads import Payload, pickled
 
 GRAPH = "models/model.json"
 WEIGHTS = "data/weights/model_weights_config.json"
@@ -44,7 +45,9 @@ def write(target: Path, root: str, entries: list[tuple[str, bytes]], compression
     return target
 
 
-def edited(source: Path, target: Path, *, change: Callable | None = None, add=(), drop=(), rename=None) -> Path:
+def edited(
+    source: Path, target: Path, *, change: Callable | None = None, add=(), drop=(), rename=None
+) -> Path:
     """A copy of `source`: `change(name, data)` per entry, entries renamed, dropped, then added."""
     root, entries = read(source)
     rename = rename or {}
@@ -59,10 +62,6 @@ def edited(source: Path, target: Path, *, change: Callable | None = None, add=()
 
 def entry(archive: Path, name: str) -> bytes:
     return dict(read(archive)[1])[name]
-
-
-def json_entry(archive: Path, name: str):
-    return json.loads(entry(archive, name))
 
 
 def with_json(name: str, edit: Callable) -> Callable:
@@ -129,11 +128,15 @@ class Crafted:
 
 
 def _sample_inputs_case(source, target, marker):
-    return edited(source, target, drop={SAMPLE_INPUTS}, add=[("data/sample_inputs/model.PT", pickled(marker))])
+    return edited(
+        source, target, drop={SAMPLE_INPUTS}, add=[("data/sample_inputs/model.PT", pickled(marker))]
+    )
 
 
 def _sample_inputs_folder_case(source, target, marker):
-    return edited(source, target, drop={SAMPLE_INPUTS}, add=[("Data/Sample_Inputs/model.pt", pickled(marker))])
+    return edited(
+        source, target, drop={SAMPLE_INPUTS}, add=[("Data/Sample_Inputs/model.pt", pickled(marker))]
+    )
 
 
 def _sample_inputs_pickle(source, target, marker):
@@ -152,11 +155,9 @@ def _constant_use_pickle(source, target, marker):
 
 def _opaque_object(source, target, marker):
     config = with_json(CONSTANTS, lambda c: c["config"].update(evil=pickle_config("opaque_obj_0")))
-    import pickle
-
-    from tests.shipping.payloads import Payload
-
-    return edited(source, target, change=config, add=[("data/constants/opaque_obj_0", pickle.dumps(Payload(marker)))])
+    return edited(
+        source, target, change=config, add=[("data/constants/opaque_obj_0", pickle.dumps(Payload(marker)))]
+    )
 
 
 def _weight_use_pickle(source, target, marker):
@@ -165,20 +166,30 @@ def _weight_use_pickle(source, target, marker):
         first["use_pickle"] = True
         first["path_name"] = "weight_0"
 
-    return edited(source, target, change=lambda n, d: pickled(marker) if n == "data/weights/weight_0" else with_json(WEIGHTS, edit)(n, d))
+    return edited(
+        source,
+        target,
+        change=lambda n, d: (
+            pickled(marker) if n == "data/weights/weight_0" else with_json(WEIGHTS, edit)(n, d)
+        ),
+    )
 
 
 def _second_model(model: str):
     def build(source, target, marker):
         graph = entry(source, GRAPH)
         weights = {"config": {"evil": pickle_config("evil")}}
-        return edited(source, target, add=[
-            (f"models/{model}.json", graph),
-            (f"data/sample_inputs/{model}.pt", b""),
-            (f"data/weights/{model}_weights_config.json", json.dumps(weights).encode()),
-            (f"data/constants/{model}_constants_config.json", b'{"config": {}}'),
-            ("data/weights/evil", pickled(marker)),
-        ])
+        return edited(
+            source,
+            target,
+            add=[
+                (f"models/{model}.json", graph),
+                (f"data/sample_inputs/{model}.pt", b""),
+                (f"data/weights/{model}_weights_config.json", json.dumps(weights).encode()),
+                (f"data/constants/{model}_constants_config.json", b'{"config": {}}'),
+                ("data/weights/evil", pickled(marker)),
+            ],
+        )
 
     return build
 
@@ -217,7 +228,9 @@ def _guards_in_second_graph(source, target, marker):
     graph = json.loads(entry(source, GRAPH))
     graph["guards_code"] = [f"{quoteless_payload(marker)} or 1 == 1"]
     return edited(
-        source, target, change=lambda n, d: example_inputs() if n == SAMPLE_INPUTS else d,
+        source,
+        target,
+        change=lambda n, d: example_inputs() if n == SAMPLE_INPUTS else d,
         add=[("models/model.jsox", json.dumps(graph).encode())],
     )
 
@@ -240,7 +253,9 @@ def _graph_edit(edit: Callable[[dict, Path], None], with_example_inputs: bool = 
         graph = with_json(GRAPH, lambda g: edit(g, marker))
         if not with_example_inputs:
             return edited(source, target, change=graph)
-        return edited(source, target, change=lambda n, d: example_inputs() if n == SAMPLE_INPUTS else graph(n, d))
+        return edited(
+            source, target, change=lambda n, d: example_inputs() if n == SAMPLE_INPUTS else graph(n, d)
+        )
 
     return build
 
@@ -256,29 +271,37 @@ def _guard(graph, marker):
 def _guard_key(graph, marker):
     """A guard made only of allowed shapes whose input key breaks out of the double-quoted
     message torch pastes the guard into (torch._assert(..., "Guard failed: <guard>"))."""
-    graph["guards_code"] = [f'True or L[\'x"); {quoteless_payload(marker)}; ("\']']
+    graph["guards_code"] = [f"True or L['x\"); {quoteless_payload(marker)}; (\"']"]
 
 
 def _aten_from_file(graph, marker):
     """`aten::from_file(shared=True)` creates and maps a file when the graph runs: "only aten
     operators" is not enough."""
     nodes = graph["graph_module"]["graph"]["nodes"]
-    nodes.insert(0, {
-        "target": "torch.ops.aten.from_file.default",
-        "inputs": [
-            {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
-            {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
-            {"name": "size", "arg": {"as_int": 4}, "kind": 1},
-            {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
-        ],
-        "outputs": [{"as_tensor": {"name": "mapped"}}],
-        "metadata": {},
-        "is_hop_single_tensor_return": None,
-        "name": "mapped",
-    })
+    nodes.insert(
+        0,
+        {
+            "target": "torch.ops.aten.from_file.default",
+            "inputs": [
+                {"name": "filename", "arg": {"as_string": str(marker)}, "kind": 1},
+                {"name": "shared", "arg": {"as_bool": True}, "kind": 1},
+                {"name": "size", "arg": {"as_int": 4}, "kind": 1},
+                {"name": "dtype", "arg": {"as_scalar_type": 1}, "kind": 2},
+            ],
+            "outputs": [{"as_tensor": {"name": "mapped"}}],
+            "metadata": {},
+            "is_hop_single_tensor_return": None,
+            "name": "mapped",
+        },
+    )
     graph["graph_module"]["graph"]["tensor_values"]["mapped"] = {
-        "dtype": 1, "sizes": [{"as_int": 4}], "requires_grad": False, "device": {"type": "cpu", "index": None},
-        "strides": [{"as_int": 1}], "storage_offset": {"as_int": 0}, "layout": 7,
+        "dtype": 1,
+        "sizes": [{"as_int": 4}],
+        "requires_grad": False,
+        "device": {"type": "cpu", "index": None},
+        "strides": [{"as_int": 1}],
+        "storage_offset": {"as_int": 0},
+        "layout": 7,
     }
 
 
@@ -299,11 +322,15 @@ def _custom_metadata(graph, marker):
 
 
 def _custom_object_argument(graph, marker):
-    graph["graph_module"]["graph"]["nodes"][0]["inputs"][0]["arg"] = {"as_custom_obj": {"name": "x", "class_fqn": "evil"}}
+    graph["graph_module"]["graph"]["nodes"][0]["inputs"][0]["arg"] = {
+        "as_custom_obj": {"name": "x", "class_fqn": "evil"}
+    }
 
 
 def _power_tower(graph, marker):
-    first_expression(graph, "Pow(Pow(Pow(Pow(Integer(10), Integer(16)), Integer(16)), Integer(16)), Integer(16))")
+    first_expression(
+        graph, "Pow(Pow(Pow(Pow(Integer(10), Integer(16)), Integer(16)), Integer(16)), Integer(16))"
+    )
 
 
 def _python_power(graph, marker):
@@ -440,7 +467,11 @@ CRAFTED = [
     Crafted("ansi-escapes-in-program", _ansi_program, None),
     Crafted("manifest-wrong-types", _manifest_edit(lambda m: m.update(inputs="input", runtime=[])), None),
     Crafted("manifest-other-inputs", _manifest_edit(lambda m: m.update(inputs=["other"])), None),
-    Crafted("manifest-runtime-not-a-buffer", _manifest_edit(lambda m: m["runtime"].update(beta="runtime.beta")), None),
+    Crafted(
+        "manifest-runtime-not-a-buffer",
+        _manifest_edit(lambda m: m["runtime"].update(beta="runtime.beta")),
+        None,
+    ),
     Crafted("manifest-saved-not-returned", _manifest_edit(lambda m: m["saved"].append("extra")), None),
 ]
 SLOW_CRAFTED = [Crafted("deflated-1GiB-graph", _deflated_graph, None)]

@@ -31,7 +31,9 @@ MLP_PROGRAM = "save 1\nsteer 2 += $alpha * $v\nprune 0.weight 50%"
 def good(tmp_path_factory) -> Path:
     """A real cm.export archive of the MLP (the source of every crafted archive)."""
     sample = builtin_zoo.mlp()
-    cm = tdhook_fx.compile(sample.model, MLP_PROGRAM, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    cm = tdhook_fx.compile(
+        sample.model, MLP_PROGRAM, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys
+    )
     cm.bind(alpha=torch.tensor(2.0), v=torch.ones(16))
     return cm.export(tmp_path_factory.mktemp("good") / "mlp.pt2", example=sample.example).path
 
@@ -55,7 +57,9 @@ def test_plain_torch_export_load_runs_every_payload(good, tmp_path):
         path, _ = built[c.name]
         call = ".module()(torch.randn(4, 16))" if c.runs == "call" else ""
         script.append(f"try:\n    torch.export.load({str(path)!r}){call}\nexcept Exception:\n    pass")
-    result = subprocess.run([sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", "\n".join(script)], capture_output=True, text=True, timeout=600, check=False
+    )
     dead = [name for name, (_, marker) in built.items() if not marker.exists()]
     assert not dead, f"these payloads did not run under plain torch: {dead}\n{result.stderr[-2000:]}"
 
@@ -91,29 +95,44 @@ def finding(report, needle: str) -> bool:
     return any(needle in line for line in report.findings())
 
 
-@pytest.mark.parametrize("name, attribute, needle", [
-    ("sample-inputs-upper-case", "pickled", "data/sample_inputs/model.PT: differs from an entry cm.export writes only in letter case"),
-    ("constant-upper-case", "pickled", "data/constants/TENSOR_0: differs"),
-    ("weight-use-pickle", "pickled", "use_pickle is True"),
-    ("second-model-with-slash", "problems", "models/a/b.json: a second graph"),
-    ("absolute-path-name", "problems", "/evil: not an entry cm.export writes"),
-    ("graph-jsox", "problems", "models/model.jsox: a second graph"),
-    ("native-code", "native", "data/aotinductor/model/model.so"),
-    ("sympify-payload", "code", "sympify would eval it"),
-    ("guard-key-breaks-out", "code", "guard code"),
-    ("aten-from-file-creates-a-file", "code", "'torch.ops.aten.from_file.default' takes filename: str"),
-    ("target-torch-os-system", "code", "'torch.os.system' is not an aten operator"),
-    ("zero-byte-weight-384M-elements", "problems", "claims 402653184 elements of data/weights/weight_0, which holds 0"),
-    ("python-power-tower", "code", "'10**10**8' has characters outside"),
-    ("sympy-power-tower", "code", "raises a power to a power"),
-    ("deep-graph-json", "problems", "models/model.json: nested too deeply"),
-    ("compressed-entries", "problems", "compressed (torch writes entries stored"),
-    ("manifest-wrong-types", "problems", "extra/tdhook_fx.json: inputs: expected a list, found 'input'"),
-    ("manifest-other-inputs", "problems", "the forward's argument names are not the manifest's inputs"),
-    ("manifest-runtime-not-a-buffer", "problems", "runtime buffer 'runtime.beta' is not a buffer of the graph"),
-    ("manifest-saved-not-returned", "problems", "the graph returns 2 values, the manifest names 3"),
-    ("ansi-escapes-in-program", "problems", "a control character '\\x1b'"),
-])
+@pytest.mark.parametrize(
+    "name, attribute, needle",
+    [
+        (
+            "sample-inputs-upper-case",
+            "pickled",
+            "data/sample_inputs/model.PT: differs from an entry cm.export writes only in letter case",
+        ),
+        ("constant-upper-case", "pickled", "data/constants/TENSOR_0: differs"),
+        ("weight-use-pickle", "pickled", "use_pickle is True"),
+        ("second-model-with-slash", "problems", "models/a/b.json: a second graph"),
+        ("absolute-path-name", "problems", "/evil: not an entry cm.export writes"),
+        ("graph-jsox", "problems", "models/model.jsox: a second graph"),
+        ("native-code", "native", "data/aotinductor/model/model.so"),
+        ("sympify-payload", "code", "sympify would eval it"),
+        ("guard-key-breaks-out", "code", "guard code"),
+        ("aten-from-file-creates-a-file", "code", "'torch.ops.aten.from_file.default' takes filename: str"),
+        ("target-torch-os-system", "code", "'torch.os.system' is not an aten operator"),
+        (
+            "zero-byte-weight-384M-elements",
+            "problems",
+            "claims 402653184 elements of data/weights/weight_0, which holds 0",
+        ),
+        ("python-power-tower", "code", "'10**10**8' has characters outside"),
+        ("sympy-power-tower", "code", "raises a power to a power"),
+        ("deep-graph-json", "problems", "models/model.json: nested too deeply"),
+        ("compressed-entries", "problems", "compressed (torch writes entries stored"),
+        ("manifest-wrong-types", "problems", "extra/tdhook_fx.json: inputs: expected a list, found 'input'"),
+        ("manifest-other-inputs", "problems", "the forward's argument names are not the manifest's inputs"),
+        (
+            "manifest-runtime-not-a-buffer",
+            "problems",
+            "runtime buffer 'runtime.beta' is not a buffer of the graph",
+        ),
+        ("manifest-saved-not-returned", "problems", "the graph returns 2 values, the manifest names 3"),
+        ("ansi-escapes-in-program", "problems", "a control character '\\x1b'"),
+    ],
+)
 def test_refusals_name_the_entry_and_the_reason(name, attribute, needle, good, tmp_path):
     crafted = next(c for c in CRAFTED if c.name == name)
     report = tdhook_fx.inspect_export(build(crafted, good, tmp_path)[0])
@@ -129,7 +148,10 @@ def test_an_archive_from_export_is_accepted_and_says_what_was_checked(good):
     assert report.manifest["program"] == MLP_PROGRAM
     text = str(report)
     assert "exactly what cm.export writes: no pickles, no native code, no Python in the graph" in text
-    assert "checked against the graph: inputs (input); outputs (output, saved 1); runtime buffers (runtime.alpha, runtime.v)" in text
+    assert (
+        "checked against the graph: inputs (input); outputs (output, saved 1); runtime buffers (runtime.alpha, runtime.v)"
+        in text
+    )
     assert "not verified: that the graph computes this program" in text
 
 
@@ -143,7 +165,11 @@ def test_a_loaded_archive_is_torch_reading_only_what_was_checked(good):
 
 
 def test_trusted_hands_the_file_to_torch_unchecked(good, tmp_path):
-    inputs = archives.edited(good, tmp_path / "inputs.pt2", change=lambda n, d: archives.example_inputs() if n == archives.SAMPLE_INPUTS else d)
+    inputs = archives.edited(
+        good,
+        tmp_path / "inputs.pt2",
+        change=lambda n, d: archives.example_inputs() if n == archives.SAMPLE_INPUTS else d,
+    )
     with pytest.raises(tdhook_fx.ExportError, match="refusing"):
         tdhook_fx.load_export(inputs)
     program = tdhook_fx.load_export(inputs, trusted=True)
@@ -165,7 +191,9 @@ def test_files_that_are_not_archives(tmp_path):
 
 def test_an_entry_over_its_size_limit_is_refused_before_it_is_read(good, tmp_path, monkeypatch):
     limit = LIMITS["graph"]
-    big = archives.edited(good, tmp_path / "big.pt2", change=lambda n, d: d + b" " * limit if n == archives.GRAPH else d)
+    big = archives.edited(
+        good, tmp_path / "big.pt2", change=lambda n, d: d + b" " * limit if n == archives.GRAPH else d
+    )
     read = audit._Audit._read
 
     def bounded_read(self, info, cap):
@@ -230,19 +258,61 @@ def test_call_targets_are_value_only_aten_operators():
     assert target_problem("torch.ops.aten.index.Tensor") is None
     assert target_problem("_operator.mul") is None
     for target in [
-        "torch.ops.aten.from_file.default", "torch.ops.aten.save.default", "torch.ops.aten._print.default",
-        "torch.os.system", "torch.ops.aten.linear.nonexistent", "torch.ops.higher_order.cond",
-        "torch.ops.aten.__class__.default", "_operator.pow", "builtins.eval", "torch.ops.aten.manual_seed.default",
-        "torch.ops.aten.set_grad_enabled.default", "torch.ops.aten._backward.default", "torch.ops.aten.add.int",
+        "torch.ops.aten.from_file.default",
+        "torch.ops.aten.save.default",
+        "torch.ops.aten._print.default",
+        "torch.os.system",
+        "torch.ops.aten.linear.nonexistent",
+        "torch.ops.higher_order.cond",
+        "torch.ops.aten.__class__.default",
+        "_operator.pow",
+        "builtins.eval",
+        "torch.ops.aten.manual_seed.default",
+        "torch.ops.aten.set_grad_enabled.default",
+        "torch.ops.aten._backward.default",
+        "torch.ops.aten.add.int",
     ]:
         assert target_problem(target), target
 
 
-_NAMES = ["Symbol", "Integer", "Add", "Mul", "Pow", "Min", "Max", "FloorDiv", "Mod", "Eq", "exec", "__import__", "eval"]
-_TOKENS = st.sampled_from([
-    *_NAMES, "(", ")", ", ", "'s1'", "'x'", "2", "10", "-3", "99999999999999999999", "**", "*", "+", ".", "_", "=",
-    "positive=True", "true", " ",
-])
+_NAMES = [
+    "Symbol",
+    "Integer",
+    "Add",
+    "Mul",
+    "Pow",
+    "Min",
+    "Max",
+    "FloorDiv",
+    "Mod",
+    "Eq",
+    "exec",
+    "__import__",
+    "eval",
+]
+_TOKENS = st.sampled_from(
+    [
+        *_NAMES,
+        "(",
+        ")",
+        ", ",
+        "'s1'",
+        "'x'",
+        "2",
+        "10",
+        "-3",
+        "99999999999999999999",
+        "**",
+        "*",
+        "+",
+        ".",
+        "_",
+        "=",
+        "positive=True",
+        "true",
+        " ",
+    ]
+)
 
 
 @given(st.lists(_TOKENS, max_size=30).map("".join))
@@ -295,25 +365,49 @@ def _json_edit(value, marker: Path, data):
     path = []
     node = value
     while isinstance(node, (dict, list)) and node and data.draw(st.booleans()):
-        key = data.draw(st.sampled_from(list(node)) if isinstance(node, dict) else st.integers(0, len(node) - 1))
+        key = data.draw(
+            st.sampled_from(list(node)) if isinstance(node, dict) else st.integers(0, len(node) - 1)
+        )
         path.append(key)
         node = node[key]
-    replacement = data.draw(st.one_of(
-        st.sampled_from([
-            archives.python_payload(marker), f"{archives.quoteless_payload(marker)} or 1 == 1", "10**10**8",
-            "torch.os.system", "torch.ops.aten.from_file.default", "/evil", "../weight_0", "weight_0", True, None,
-            1 << 40, -1, "Infinity", [], {}, {"as_custom_obj": {"name": "x", "class_fqn": "y"}},
-            "Symbol('s1', positive=True, integer=True)",
-        ]),
-        st.integers(-5, 5), st.text(max_size=8),
-    ))
+    replacement = data.draw(
+        st.one_of(
+            st.sampled_from(
+                [
+                    archives.python_payload(marker),
+                    f"{archives.quoteless_payload(marker)} or 1 == 1",
+                    "10**10**8",
+                    "torch.os.system",
+                    "torch.ops.aten.from_file.default",
+                    "/evil",
+                    "../weight_0",
+                    "weight_0",
+                    True,
+                    None,
+                    1 << 40,
+                    -1,
+                    "Infinity",
+                    [],
+                    {},
+                    {"as_custom_obj": {"name": "x", "class_fqn": "y"}},
+                    "Symbol('s1', positive=True, integer=True)",
+                ]
+            ),
+            st.integers(-5, 5),
+            st.text(max_size=8),
+        )
+    )
     if not path:
         return value  # an edit of nothing
     parent = value
     for key in path[:-1]:
         parent = parent[key]
     if isinstance(parent, dict) and data.draw(st.booleans()):
-        parent[data.draw(st.sampled_from(["use_pickle", "guards_code", "custom", "source_fn_stack", "extra", path[-1]]))] = replacement
+        parent[
+            data.draw(
+                st.sampled_from(["use_pickle", "guards_code", "custom", "source_fn_stack", "extra", path[-1]])
+            )
+        ] = replacement
     else:
         parent[path[-1]] = replacement
     return value
@@ -329,7 +423,9 @@ def hostile_edits(draw, good: Path, marker: Path):
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(entries) - 1))
         name, data = entries[i]
-        edit = draw(st.sampled_from(["rename", "add", "duplicate", "drop", "json", "bytes", "reorder", "root"]))
+        edit = draw(
+            st.sampled_from(["rename", "add", "duplicate", "drop", "json", "bytes", "reorder", "root"])
+        )
         if edit == "rename":
             entries[i] = (draw(st.sampled_from(_NAME_TRICKS))(name, draw(st.data())), data)
         elif edit == "add":
@@ -384,7 +480,9 @@ def test_hostile_edits_are_refused_or_leave_an_allowed_archive(good, good_names,
 def test_the_strategy_draws_accepted_edits_too(good, tmp_path):
     """Same-size weight bytes, another order, another root: all still exactly cm.export's format."""
     _, entries = archives.read(good)
-    changed = [(n, bytes(len(d)) if n.startswith("data/weights/weight_") else d) for n, d in reversed(entries)]
+    changed = [
+        (n, bytes(len(d)) if n.startswith("data/weights/weight_") else d) for n, d in reversed(entries)
+    ]
     path = archives.write(tmp_path / "changed.pt2", "another root", changed)
     assert tdhook_fx.inspect_export(path).safe
     assert torch.all(tdhook_fx.load_export(path).module()(torch.randn(2, 16))["output"] == 0)
@@ -401,7 +499,11 @@ def test_inspect_escapes_what_the_file_holds(good, tmp_path, capsys):
     assert "\x1b" not in out and "\\x1b[2K" in out
     report = audit.ArchiveReport(
         "a\x1b[2K.pt2",
-        manifest={"inputs": ["x\u202e"], "program": "save 1\n# \x1b[1A\x1b[2K\rsteer 2 += 1000", "runtime": {"v": "runtime.v\x07"}},
+        manifest={
+            "inputs": ["x\u202e"],
+            "program": "save 1\n# \x1b[1A\x1b[2K\rsteer 2 += 1000",
+            "runtime": {"v": "runtime.v\x07"},
+        },
         checked=("inputs (x\u202e)",),
     )
     text = str(report)
@@ -430,7 +532,9 @@ def test_inspect_of_a_saved_file_escapes_its_manifest(tmp_path, capsys, monkeypa
 def test_inspect_exits_quietly_when_its_reader_goes_away(good):
     """`tdhook-fx inspect x.pt2 | head -1`: no traceback, no 'Exception ignored', exit 141 (SIGPIPE's)."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "tdhook_fx", "inspect", str(good)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [sys.executable, "-m", "tdhook_fx", "inspect", str(good)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     process.stdout.close()  # the reader is gone before anything is written
     stderr = process.stderr.read().decode()
