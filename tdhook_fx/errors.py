@@ -113,6 +113,24 @@ class ExportError(TdhookFxError):
     """A compiled module could not be saved, exported or loaded."""
 
 
+class FileFormatError(ExportError):
+    """A value read from a file is not what tdhook_fx writes there: `.where` (a path into the
+    file's JSON, e.g. `graph_module.graph.nodes[3].target`) and `.message` (what is wrong)."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+        self.message = message
+
+
+class CodeInFile(FileFormatError):
+    """A string in a file that torch would run as code, outside the grammar tdhook_fx accepts."""
+
+
+class PickleInFile(FileFormatError):
+    """A part of a file that torch would unpickle."""
+
+
 class UnknownModulePath(TdhookFxError, ValueError):
     """A tdhook module path or key pattern names no module of the model."""
 

@@ -11,7 +11,8 @@
 MODEL is a built-in sample model (`gpt2`, `mlp`, `minilm`; random weights except minilm) or
 `package.module:factory`, a function returning a `tdhook_fx.zoo.Sample` (or a tuple
 `(model, example, in_keys, out_keys)`). PROGRAM is a file, `-` (standard input) or the program
-text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an internal error.
+text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an internal error,
+141 (as for SIGPIPE) when the output's reader went away (`tdhook-fx inspect x.pt2 | head -1`).
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import torch
 
 from tdhook_fx.compiler.capture import key_name
 from tdhook_fx.errors import CommandLineError, TdhookFxError
+from tdhook_fx.shipping.printable import escaped, escaped_lines
 
 USER_ERROR = 1
 INTERNAL_ERROR = 2
+READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose pipe closed
 _PROGRAM_SUFFIXES = (".dsl", ".tdx", ".txt", ".prog")
 
 
@@ -51,12 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version
         return int(exit_.code or 0)
     try:
-        return args.command(args) or 0
+        code = args.command(args) or 0
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return READER_GONE
     except CommandLineError as error:
-        print(f"tdhook-fx: error: {error}", file=sys.stderr)
+        print(f"tdhook-fx: error: {escaped(str(error), keep_newlines=True)}", file=sys.stderr)
         return USER_ERROR
-    except TdhookFxError as error:
-        print(str(error), file=sys.stderr)
+    except TdhookFxError as error:  # messages may quote a file's contents: escaped
+        print(escaped(str(error), keep_newlines=True), file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         return USER_ERROR
@@ -64,6 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         print("tdhook-fx: internal error (a bug; please report it with this traceback):", file=sys.stderr)
         traceback.print_exc()
         return INTERNAL_ERROR
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not fail again."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests): nothing to flush later
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, descriptor)
+    os.close(null)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -214,7 +233,7 @@ def draw_command(args) -> int:
 def inspect_command(args) -> int:
     path = Path(args.file)
     if not path.is_file():
-        raise CommandLineError(f"no such file: {path}")
+        raise CommandLineError(f"no such file: {escaped(str(path))}")
     if path.suffix == ".pt2":
         from tdhook_fx.shipping.audit import inspect_export
 
@@ -225,15 +244,21 @@ def inspect_command(args) -> int:
 
     manifest = read_manifest(path)
     capture = manifest["capture"]
-    print(f"{path}: a tdhook_fx save file (safetensors: JSON and tensors only, nothing runs on loading)")
-    print(f"  model: {manifest['model']['class']} ({len(manifest['model']['tensors'])} tensors fingerprinted)")
-    print(f"  capture: {capture['frontend']} front end, in_keys {capture['in_keys']}, out_keys {capture['out_keys']}")
-    for line in manifest["program"].splitlines():
-        print(f"  | {line}")
+    lines = [
+        f"{escaped(str(path))}: a tdhook_fx save file (safetensors: JSON and tensors only, nothing runs on loading)",
+        f"  model: {escaped(manifest['model']['class'])} ({len(manifest['model']['tensors'])} tensors fingerprinted)",
+        (
+            f"  capture: {escaped(capture['frontend'])} front end, in_keys {escaped(str(capture['in_keys']))}, "
+            f"out_keys {escaped(str(capture['out_keys']))}"
+        ),
+        *(f"  | {line}" for line in escaped_lines(manifest["program"].rstrip("\n"))),
+    ]
     if manifest["bound"]:
-        print(f"  bound values: {', '.join('$' + name for name in manifest['bound'])}")
+        lines.append(f"  bound values: {', '.join('$' + escaped(name) for name in manifest['bound'])}")
     if manifest["functions"]:
-        print(f"  functions to bind again after loading: {', '.join('$' + f for f in manifest['functions'])}")
+        functions = ", ".join("$" + escaped(f) for f in manifest["functions"])
+        lines.append(f"  functions to bind again after loading: {functions}")
+    print("\n".join(lines))
     return 0
 
 
