@@ -24,19 +24,39 @@ SAVED = "saved"
 
 def generate_compiled(cm, inputs, max_new_tokens: int | None = None, *, compile=False, **generation_kwargs) -> TensorDict:
     """`cm.generate`: generate with `cm`'s program applied at every position computed."""
+    generation, options, values = _prepare(cm, inputs, max_new_tokens, generation_kwargs)
+    generated = generation.run(
+        type(cm), cm.resolved.program, values, options, text=cm.resolved.text, compiled=compile
+    )
+    return result(generated)
+
+
+def decoding_step(cm, inputs, max_new_tokens: int | None = None, **generation_kwargs):
+    """The compiled decoding step that `cm.generate(inputs, max_new_tokens, ...)` runs, without generating.
+
+    A `CompiledModule` like any other: `.code` and `.program` show the rewritten step,
+    `.export(path)` writes it as a .pt2 (its example inputs are this generation's first step),
+    `.compile()` puts it under torch.compile. Its inputs are the step module's (see
+    `tdhook_fx.generation.step`). The program's runtime values are bound on it, and so are the
+    gates `$gen_gate_N` of positional statements, at 0 (`step.bind(gen_gate_0=1.0)` at the step
+    that computes the statement's position).
+    """
+    generation, _, values = _prepare(cm, inputs, max_new_tokens, generation_kwargs)
+    plan, prefill, decode = generation.steps(type(cm), cm.resolved.program, values, text=cm.resolved.text, reuse=False)
+    step = decode if decode is not None else prefill
+    gates = {name: 0.0 for name in plan.gates}
+    step.bind(**{n: v for n, v in {**values, **gates}.items() if n in step.runtime_names})
+    return step
+
+
+def _prepare(cm, inputs, max_new_tokens, generation_kwargs) -> tuple[Generation, DecodingOptions, dict]:
     model = cm.base_model
     ids, mask = prompt(inputs, cm.in_keys)
     options, model_inputs = decoding_options(model, ids.shape[1], _with_max_new(generation_kwargs, max_new_tokens))
-    mask = model_inputs.get("attention_mask", mask)
     values = dict(cm.bound_values())
     if isinstance(inputs, TensorDictBase):
         values.update({n: inputs.get(n) for n in cm.runtime_names if inputs.get(n, None) is not None})
-    generation = Generation(model, ids, mask, options.max_new_tokens)
-    generated = generation.run(
-        type(cm), cm.resolved.program, values, options,
-        text=cm.resolved.text, source="program", compiled=compile,
-    )
-    return result(generated, options)
+    return Generation(model, ids, model_inputs.get("attention_mask", mask), options.max_new_tokens), options, values
 
 
 def _with_max_new(kwargs: dict, max_new_tokens: int | None) -> dict:
@@ -63,11 +83,12 @@ def prompt(inputs, in_keys) -> tuple[torch.Tensor, torch.Tensor | None]:
     return ids, mask
 
 
-def result(generated: Generated, options: DecodingOptions) -> TensorDict:
-    """The TensorDict a generate call returns (see the module doc)."""
+def result(generated: Generated, with_saved: bool = True) -> TensorDict:
+    """The TensorDict a generate call returns (see the module doc); a method's saved values are its
+    own business (`with_saved=False`)."""
     batch = generated.sequences.shape[0]
     td = TensorDict({SEQUENCES: generated.sequences}, batch_size=[batch], device=generated.sequences.device)
-    for name, value in generated.saved.items():
+    for name, value in generated.saved.items() if with_saved else ():
         if value.dim() == 0 or value.shape[0] != batch:
             raise GenerationError(
                 f"the saved value '{name}' has shape {tuple(value.shape)}, which has no batch dimension of size "

@@ -106,18 +106,36 @@ class Generation:
         compiled: bool | dict = False,
     ) -> Generated:
         """Compile `program` (with runtime `values`) into the two steps and generate."""
-        plan = plan_positions(program, self.whole, self.sequence_dims, values, self.prompt, text, source)
-        prefill = compile_step(module_class, self.step, plan.prefill, self.prefill_inputs, self.keys, text=text, source=source)
-        decode = None
-        if self.max_new_tokens > 1:
-            decode = compile_step(
-                module_class, self.step, plan.decode, self.decode_inputs, self.keys,
-                text=text, source=source, compiled=compiled,
-            )
+        plan, prefill, decode = self.steps(module_class, program, values, text=text, source=source, compiled=compiled)
         with torch.no_grad():
             result = self._decode(plan, prefill, decode, values, options)
         result.prefill, result.decode = prefill, decode
         return result
+
+    def steps(
+        self,
+        module_class: type,
+        program: ast.Program,
+        values: dict,
+        *,
+        text: str | None = None,
+        source: str = "program",
+        compiled: bool | dict = False,
+        reuse: bool = True,
+    ) -> tuple[PositionPlan, nn.Module, nn.Module | None]:
+        """The program's position plan and its compiled prefill and decoding steps (None when one
+        new token needs no decoding step); `reuse=False` compiles modules of the caller's own."""
+        plan = plan_positions(program, self.whole, self.sequence_dims, values, self.prompt, text, source)
+        prefill = compile_step(
+            module_class, self.step, plan.prefill, self.prefill_inputs, self.keys, text=text, source=source, reuse=reuse
+        )
+        decode = None
+        if self.max_new_tokens > 1:
+            decode = compile_step(
+                module_class, self.step, plan.decode, self.decode_inputs, self.keys,
+                text=text, source=source, compiled=compiled, reuse=reuse,
+            )
+        return plan, prefill, decode
 
     def _decode(self, plan: PositionPlan, prefill, decode, values: dict, options: DecodingOptions) -> Generated:
         out = prefill(*self.prefill_inputs, **_runtime(prefill, values))

@@ -41,17 +41,19 @@ def compile_step(
     *,
     text: str | None = None,
     source: str = "program",
-    compiled: bool = False,
+    compiled: bool | dict = False,
+    reuse: bool = True,
 ):
     """`program` compiled into the step module's graph for inputs shaped like `inputs` (cached per
-    program text, input signature and mode); with `compiled`, a separate module whose graph
-    runs under `torch.compile` (`compiled` may be a dict of `torch.compile` options)."""
+    program text, input signature and mode, unless `reuse=False`: a module of the caller's own);
+    with `compiled`, a separate module whose graph runs under `torch.compile` (`compiled` may be
+    a dict of `torch.compile` options)."""
     options = dict(compiled) if isinstance(compiled, dict) else {}
     key = (
         str(program), keys, step.training, bool(compiled), tuple(sorted(options.items())),
         tuple((x.dtype, x.device, tuple(x.shape)) for x in inputs),
     )
-    entries = _COMPILED.setdefault(step, OrderedDict())
+    entries = _COMPILED.setdefault(step, OrderedDict()) if reuse else OrderedDict()
     if key in entries:
         entries.move_to_end(key)
         return entries[key]
