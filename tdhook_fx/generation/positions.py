@@ -67,6 +67,7 @@ class PositionPlan:
     decode: ast.Program
     gates: dict[str, Positions] = field(default_factory=dict)  # decoding gate name -> its positions
     saved: dict[str, SavedLayout] = field(default_factory=dict)
+    modules: frozenset[str] = frozenset()  # the modules whose inputs or outputs the program touches
 
     def gate_values(self, position: int, device) -> dict[str, torch.Tensor]:
         """The gates of the decoding step that computes `position`."""
@@ -117,7 +118,8 @@ def plan_positions(
     by_statement: dict[int, list[Intervention]] = {}
     for intervention in resolved.interventions:
         by_statement.setdefault(id(intervention.statement), []).append(intervention)
-    plan = PositionPlan(prompt, ast.Program(), ast.Program())
+    modules = frozenset(i.site.module for i in resolved.interventions if i.site.is_activation)
+    plan = PositionPlan(prompt, ast.Program(), ast.Program(), modules=modules)
     prefill, decode = [], []
     positional_saves: dict[str, Positions | None] = {}
     for statement in program.statements:

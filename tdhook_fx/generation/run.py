@@ -23,7 +23,7 @@ from tdhook_fx.compiler.capture import SiteTable
 from tdhook_fx.errors import GenerationError
 from tdhook_fx.generation.positions import PositionPlan, plan_positions, whole_sequence_table
 from tdhook_fx.generation.sampling import DecodingOptions
-from tdhook_fx.generation.step import cache_length, cache_shape, in_keys, step_model
+from tdhook_fx.generation.step import cache_length, cache_shape, head_module, in_keys, keeps_last_logits, step_model
 from tdhook_fx.generation.steps import compile_step, site_table
 from tdhook_fx.syntax import ast
 
@@ -64,7 +64,9 @@ class Generation:
         self.computed = prompt + max_new_tokens - 1  # positions computed at most (the last token is not)
         shape = cache_shape(model)
         length = cache_length(prompt + max_new_tokens)
+        self.length = length
         self.step = step_model(model, length)
+        self.head = head_module(model) if keeps_last_logits(model) else None
         self.keys = in_keys(shape)
         device = input_ids.device
         self.cache = shape.allocate(batch, length, device)
@@ -127,7 +129,8 @@ class Generation:
         new token needs no decoding step); `reuse=False` compiles modules of the caller's own."""
         plan = plan_positions(program, self.whole, self.sequence_dims, values, self.prompt, text, source)
         prefill = compile_step(
-            module_class, self.step, plan.prefill, self.prefill_inputs, self.keys, text=text, source=source, reuse=reuse
+            module_class, self._prefill_step(plan), plan.prefill, self.prefill_inputs, self.keys,
+            text=text, source=source, reuse=reuse,
         )
         decode = None
         if self.max_new_tokens > 1:
@@ -136,6 +139,13 @@ class Generation:
                 text=text, source=source, compiled=compiled, reuse=reuse,
             )
         return plan, prefill, decode
+
+    def _prefill_step(self, plan: PositionPlan) -> nn.Module:
+        """The prompt's step module: the head at the last position only (as `model.generate` computes
+        it), unless the program touches the head, whose values at every position it then needs."""
+        if self.head is None or any(m == self.head or m.startswith(self.head + ".") for m in plan.modules):
+            return self.step
+        return step_model(self.model, self.length, last_logits=True)
 
     def _decode(self, plan: PositionPlan, prefill, decode, values: dict, options: DecodingOptions) -> Generated:
         out = prefill(*self.prefill_inputs, **_runtime(prefill, values))

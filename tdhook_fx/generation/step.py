@@ -15,6 +15,10 @@ chunk's positions. Every shape but the chunk's and the batch's is fixed, so one 
 the prompt (a chunk of its length) and every decoding step (a chunk of one), torch.compile sees
 no shape change as the sequence grows, and the graph exports to .pt2 as it is. The model itself
 is never changed.
+
+`step_model(model, cache_length, last_logits=True)` computes the output head at the chunk's last
+position only (transformers' `logits_to_keep=1`, what `model.generate` does for the prompt): the
+prefill of a program that does not touch the head needs no more.
 """
 
 from __future__ import annotations
@@ -104,15 +108,27 @@ _STEP_CLASSES: dict[type, type] = {}
 _STEPS: "weakref.WeakKeyDictionary[nn.Module, dict[int, nn.Module]]" = weakref.WeakKeyDictionary()
 
 
-def step_model(model: nn.Module, length: int) -> nn.Module:
-    """The decoding-step module of `model` for a cache of `length` positions (one per model and
-    length, so that the compiler's capture, cached per module, is made once)."""
+def step_model(model: nn.Module, length: int, last_logits: bool = False) -> nn.Module:
+    """The decoding-step module of `model` for a cache of `length` positions (one per model, length
+    and head setting, so that the compiler's capture, cached per module, is made once)."""
     per_model = _STEPS.setdefault(model, {})
-    step = per_model.get(length)
+    step = per_model.get((length, last_logits))
     if step is None:
-        step = per_model[length] = _share(model, _step_class(type(model)))
+        step = per_model[(length, last_logits)] = _share(model, _step_class(type(model)))
+        step.__dict__["_logits_to_keep"] = 1 if last_logits else 0
     step.training = model.training
     return step
+
+
+def keeps_last_logits(model: nn.Module) -> bool:
+    """Whether `model` can compute its head at the last position only (`logits_to_keep`)."""
+    return "logits_to_keep" in _forward_parameters(model)
+
+
+def head_module(model: nn.Module) -> str | None:
+    """The dotted name of `model`'s output head (`lm_head`), if it says which it is."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return next((name for name, module in model.named_modules() if module is head), None) if head is not None else None
 
 
 def _step_class(model_class: type) -> type:
@@ -139,6 +155,7 @@ def _share(model: nn.Module, cls: type) -> nn.Module:
 
 def _step_forward(self, input_ids, attention_mask, position_ids, cache_start, *caches):
     cache = _input_cache(caches, cache_start)
+    head = {"logits_to_keep": self._logits_to_keep} if self._logits_to_keep else {}
     output = self._model_class.forward(
         self,
         input_ids=input_ids,
@@ -146,6 +163,7 @@ def _step_forward(self, input_ids, attention_mask, position_ids, cache_start, *c
         position_ids=position_ids,
         cache=cache,
         use_cache=True,
+        **head,
     )
     return output.logits
 
