@@ -2,6 +2,7 @@
 
     cm.generate(td, max_new_tokens=20)          tdhook_fx.compile(...)'s module
     hooked.generate(td, max_new_tokens=20)      a method's hooked module (steering, caching, ...)
+    decoding_step(cm, td, max_new_tokens=20)    the compiled decoding step (.code, .export, .compile)
 
 The pipeline, in the order a call runs it:
 
@@ -15,3 +16,7 @@ The pipeline, in the order a call runs it:
     calls      `cm.generate`; `methods` holds `hooked.generate` and the `model.generate` redirect
     reference  the oracle: `model.generate` with forward hooks
 """
+
+from tdhook_fx.generation.calls import decoding_step
+
+__all__ = ["decoding_step"]

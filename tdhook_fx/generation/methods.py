@@ -40,8 +40,8 @@ def generate_hooked(hooked: HookedModule, inputs, max_new_tokens: int | None = N
     if method is not None and not method.single_pass:
         raise GenerationError(
             f"{name} runs the model in several passes, which has no meaning for generation; hooked.generate "
-            "applies methods whose work is one pass of the model (SteeringVectors, ActivationCaching, Probing, "
-            "Pruning, Adapters)\n"
+            "applies methods whose work is one pass of the model (SteeringVectors, ActivationCaching, Pruning, "
+            "Adapters)\n"
             "  hint: patching during generation is not supported: see the README's Generation section"
         )
     interface = hooked.interface
