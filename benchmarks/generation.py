@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import Section, log, machine, paired_once, setup_process  # noqa: E402
+from benchmarks.common import Section, log, machine, paired_once, setup_process
 
 BATCH, PROMPT, NEW = 4, 16, 64
 SHAPES = {"gpt2-small": dict(n_layer=12, n_embd=768, n_head=12, vocab=50257), "small": dict(n_layer=4, n_embd=256, n_head=4, vocab=128)}

@@ -45,10 +45,6 @@ class Positions:
     def clip(self, start: int, stop: int) -> tuple[int, int]:
         return max(self.start, start), min(self.stop, stop)
 
-    def meets(self, start: int, stop: int) -> bool:
-        low, high = self.clip(start, stop)
-        return low < high
-
 
 @dataclass(frozen=True)
 class SavedLayout:

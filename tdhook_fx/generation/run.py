@@ -23,7 +23,14 @@ from tdhook_fx.compiler.capture import SiteTable
 from tdhook_fx.errors import GenerationError
 from tdhook_fx.generation.positions import PositionPlan, plan_positions, whole_sequence_table
 from tdhook_fx.generation.sampling import DecodingOptions
-from tdhook_fx.generation.step import cache_length, cache_shape, head_module, in_keys, keeps_last_logits, step_model
+from tdhook_fx.generation.step import (
+    cache_length,
+    cache_shape,
+    head_module,
+    in_keys,
+    keeps_last_logits,
+    step_model,
+)
 from tdhook_fx.generation.steps import compile_step, site_table
 from tdhook_fx.syntax import ast
 

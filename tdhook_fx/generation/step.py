@@ -105,7 +105,7 @@ def _forward_parameters(model: nn.Module) -> dict:
 
 
 _STEP_CLASSES: dict[type, type] = {}
-_STEPS: "weakref.WeakKeyDictionary[nn.Module, dict[int, nn.Module]]" = weakref.WeakKeyDictionary()
+_STEPS: weakref.WeakKeyDictionary[nn.Module, dict[int, nn.Module]] = weakref.WeakKeyDictionary()
 
 
 def step_model(model: nn.Module, length: int, last_logits: bool = False) -> nn.Module:

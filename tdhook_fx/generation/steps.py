@@ -24,7 +24,7 @@ from tdhook_fx.syntax import ast
 FRONTEND = "export"  # Hugging Face models are not fx-traceable: skip the fx attempt
 PER_STEP_MODULE = 64
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[nn.Module, OrderedDict] = weakref.WeakKeyDictionary()
 
 
 def site_table(step: nn.Module, inputs: tuple, keys: tuple) -> SiteTable:

@@ -131,9 +131,8 @@ def test_patching_names_hooked_generate_and_says_it_is_not_supported(gpt2):
 
 def test_an_attribution_context_names_hooked_generate(gpt2):
     model, ids = gpt2
-    with Saliency().prepare(model, **KEYS):
-        with pytest.raises(GenerationError, match="hooked.generate"):
-            model.generate(ids, max_new_tokens=2)
+    with Saliency().prepare(model, **KEYS), pytest.raises(GenerationError, match="hooked.generate"):
+        model.generate(ids, max_new_tokens=2)
 
 
 def test_unsupported_options_through_model_generate_name_hooked_generate(gpt2, vector):

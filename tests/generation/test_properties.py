@@ -9,7 +9,7 @@ prompt and the decoding options.
 from __future__ import annotations
 
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tdhook_fx
@@ -57,6 +57,7 @@ def position_independent(draw, sites, batch: int, length: int):
     return text, used
 
 
+@settings(max_examples=max(8, settings.default.max_examples // 2))  # each draws a generation: half the examples
 @given(data=st.data())
 def test_generation_equals_one_forward_over_the_sequence(lm, data):
     name = data.draw(st.sampled_from(["gpt2", "llama"]), label="model")
