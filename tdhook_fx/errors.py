@@ -174,3 +174,7 @@ class ProbingError(InvalidArgument):
 
 class CommandLineError(TdhookFxError):
     """A mistake on the command line (unknown model, missing file, bad --set)."""
+
+
+class GenerationError(TdhookFxError, ValueError):
+    """Text generation cannot run as asked (a model without a KV cache, an unsupported option or statement)."""

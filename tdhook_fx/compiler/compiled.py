@@ -204,6 +204,20 @@ class CompiledModule(nn.Module):
 
         return draw(self, path, **options)
 
+    def generate(self, inputs, max_new_tokens: int | None = None, **generation_kwargs):
+        """Generate text with this program applied at every position the model computes (a KV cache).
+
+        `inputs`: a TensorDict holding the in_keys (token ids, and an attention mask for left
+        padding) and any runtime values, or the token ids. `generation_kwargs` are
+        `model.generate`'s (greedy, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`,
+        `pad_token_id`, `attention_mask`, `output_logits`, `output_scores`), plus `compile=True`
+        (or a dict of `torch.compile` options) to run the decoding step under `torch.compile`.
+        Returns a TensorDict with "sequences" and ("saved", name); see `tdhook_fx.generation`.
+        """
+        from tdhook_fx.generation.calls import generate_compiled
+
+        return generate_compiled(self, inputs, max_new_tokens, **generation_kwargs)
+
     # ---- calling ------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):

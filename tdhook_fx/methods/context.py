@@ -50,6 +50,7 @@ class HookingContext:
         factory.check(self._hooked.interface)
         self._active = False
         self._disabled = False
+        self._generate_redirect: GenerateRedirect | None = None
 
     @property
     def module(self) -> HookedModule:
@@ -73,6 +74,7 @@ class HookingContext:
         except BaseException:
             self._active = False
             raise
+        self._generate_redirect = GenerateRedirect.install(self)
         return self._hooked
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
@@ -80,6 +82,9 @@ class HookingContext:
             self._factory.exit(self._hooked)
         finally:
             self._active = False
+            if self._generate_redirect is not None:
+                self._generate_redirect.remove()
+                self._generate_redirect = None
         return False
 
     def _on_enter(self) -> None:
@@ -96,8 +101,55 @@ class HookingContext:
 
     @contextmanager
     def disable(self):
-        """Inside this block, the model itself (nothing to restore: it was never changed)."""
-        yield self._hooked.td_module
+        """Inside this block, the model itself (nothing to restore: it was never changed; its
+        `generate` is the plain one too)."""
+        self._disabled = True
+        try:
+            yield self._hooked.td_module
+        finally:
+            self._disabled = False
+
+
+class GenerateRedirect:
+    """While a context is active, the model's `generate` is the hooked module's.
+
+    tdhook's hooks stay on the model, so `model.generate(...)` inside a tdhook context generates
+    with the method applied. A compiled method never touches the model, so without this the same
+    code would generate unintervened text in silence. For the context's duration the model
+    instance gets a `generate` attribute (removed on exit) that runs `hooked.generate` with
+    Hugging Face's arguments and return types, or raises an error that names `hooked.generate`;
+    inside `disable_hooks()` / `disable()` it is the model's own `generate`.
+    """
+
+    _ABSENT = object()
+
+    def __init__(self, context: HookingContext, model: nn.Module):
+        self._context = context
+        self._model = model
+        self._previous = model.__dict__.get("generate", self._ABSENT)
+
+    @classmethod
+    def install(cls, context: HookingContext) -> GenerateRedirect | None:
+        model = context.module.interface.model
+        if not callable(getattr(type(model), "generate", None)):
+            return None  # not a model that generates
+        redirect = cls(context, model)
+        model.__dict__["generate"] = redirect
+        return redirect
+
+    def __call__(self, *args, **kwargs):
+        if self._context.disabled:
+            return type(self._model).generate(self._model, *args, **kwargs)
+        from tdhook_fx.generation.methods import model_generate
+
+        return model_generate(self._context.module, args, kwargs)
+
+    def remove(self) -> None:
+        if self._model.__dict__.get("generate") is self:
+            if self._previous is self._ABSENT:
+                del self._model.__dict__["generate"]
+            else:
+                self._model.__dict__["generate"] = self._previous
 
 
 class HookingContextWithCache(HookingContext):

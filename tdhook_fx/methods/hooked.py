@@ -168,6 +168,22 @@ class HookedModule(TensorDictModuleBase):
         method = self._active_method
         return f"{type(method).__name__} program" if method is not None else "run program"
 
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(self, inputs, max_new_tokens: int | None = None, **generation_kwargs) -> TensorDictBase:
+        """Generate text with the method applied at every position the model computes (a KV cache).
+
+        `inputs`: a TensorDict holding the in_keys (token ids, and an attention mask for left
+        padding) or the token ids; `generation_kwargs` are `model.generate`'s (greedy,
+        `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, ...), plus `compile=True` to
+        run the decoding step under `torch.compile`. Returns a TensorDict with "sequences" and
+        what the method writes (`ActivationCaching`: the cache over the whole sequence). See
+        `tdhook_fx.generation.methods`.
+        """
+        from tdhook_fx.generation.methods import generate_hooked
+
+        return generate_hooked(self, inputs, max_new_tokens, **generation_kwargs)
+
     # ---- run() --------------------------------------------------------------------------------------
 
     def run(
