@@ -120,9 +120,12 @@ class HookedModule(TensorDictModuleBase):
 
     def _run(self, tensordict: TensorDictBase) -> TensorDictBase:
         method = self._active_method
-        if method is not None:
-            return method.forward(self, tensordict)
-        return self.single_pass(tensordict)
+        result = method.forward(self, tensordict) if method is not None else self.single_pass(tensordict)
+        return self.finalize_tensordict(result)
+
+    def finalize_tensordict(self, data: TensorDictBase) -> TensorDictBase:
+        """Publish what the method owns after the call (tdhook's extension point; nothing here)."""
+        return data
 
     # ---- what methods build on --------------------------------------------------------------------
 
