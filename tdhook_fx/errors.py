@@ -141,3 +141,11 @@ class ProbingError(InvalidArgument):
 
 class CommandLineError(TdhookFxError):
     """A mistake on the command line (unknown model, missing file, bad --set)."""
+
+
+class ReplacementShapeError(TdhookFxError, RuntimeError):
+    """A replacement value does not fit the units a target selects (tdhook's assignment raised RuntimeError)."""
+
+
+class WorkflowHandoffError(TdhookFxError, RuntimeError):
+    """A workflow cannot keep the shared or consolidated storage of the TensorDict it was given."""

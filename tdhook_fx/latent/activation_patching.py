@@ -23,6 +23,7 @@ from tensordict.utils import NestedKey
 
 from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.errors import PatchShapeError, TdhookFxError
+from tdhook_fx.execution import ExecutionSpec
 from tdhook_fx.methods.context import HookingContextFactory
 from tdhook_fx.methods.interface import never_called
 from tdhook_fx.methods.paths import refer
@@ -58,6 +59,11 @@ class ActivationPatching(HookingContextFactory):
         self._modules_to_patch = list(modules_to_patch)
         self._patch_key = patch_key
         self._patch_fn = patch_fn
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's count: two passes of the model (fused into one here where the inputs stack)."""
+        return ExecutionSpec(model_passes=2)
 
     def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         interface = hooked.interface

@@ -19,6 +19,7 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
 from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.execution import ExecutionSpec
 from tdhook_fx.methods.context import HookingContextFactory, OnePassMethod
 from tdhook_fx.methods.interface import never_called
 from tdhook_fx.methods.paths import refer
@@ -68,6 +69,11 @@ class ActivationAddition(HookingContextFactory):
         self._negative_key = negative_key
         self._steer_key = steer_key
         self._cache_callback = cache_callback
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's count: two passes of the model (fused into one here where the inputs stack)."""
+        return ExecutionSpec(model_passes=2)
 
     def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         interface = hooked.interface

@@ -89,6 +89,8 @@ class HookingContext:
     @contextmanager
     def disable_hooks(self):
         """Inside this block the hooked module runs the plain model (no method)."""
+        if not self._active:
+            raise MethodUsageError("Cannot disable hooks outside an active context")
         self._disabled = True
         try:
             yield self._hooked
@@ -98,6 +100,8 @@ class HookingContext:
     @contextmanager
     def disable(self):
         """Inside this block, the model itself (nothing to restore: it was never changed)."""
+        if not self._active:
+            raise MethodUsageError("Cannot disable a method outside an active context")
         yield self._hooked.td_module
 
 

@@ -127,10 +127,16 @@ class ModuleReadingMethod(OnePassMethod):
         found.sort(key=lambda value: value.read.order)
         state = self.before_pass(hooked, td)
 
+        context = hooked.hooking_context
+
+        def use_gradient(read: GradRead, value) -> None:
+            if context is None or context.active:  # after the block, as tdhook's removed hooks: nothing
+                self.consume_gradient(hooked, read, value, state)
+
         def finish(result: ProgramResult, td: TensorDictBase) -> None:
             self.consume(hooked, found, result, td, state)
             for gradient in gradients:
-                when_reached(result, gradient, lambda value, g=gradient: self.consume_gradient(hooked, g, value, state))
+                when_reached(result, gradient, lambda value, g=gradient: use_gradient(g, value))
 
         return finish
 
