@@ -2,7 +2,7 @@
 
 `CacheProxy` is where tdhook 0.1.3 kept it (a value a `run()` block fills); `MutableWeakRef` and
 `TensorDictRef` are the references tdhook's operators share a cache through
-(`tdhook_fx.modules.ModuleCallWithCache`). tdhook's hook registration helpers have no
+(`tdhook_fx.modules.ModuleCallWithCache`); the path helpers are `tdhook_fx.paths`'. tdhook's hook registration helpers have no
 counterpart: tdhook_fx never registers a hook on the model; every method is a compiled program.
 """
 
@@ -15,6 +15,7 @@ from tensordict import TensorDictBase
 
 from tdhook_fx.methods.reads import DIRECTION_TO_TYPE
 from tdhook_fx.methods.run import CacheProxy
+from tdhook_fx.paths import resolve_submodule_path, submodule_path_to_name
 
 HookDirection = Literal["fwd", "bwd", "fwd_pre", "bwd_pre", "fwd_kwargs", "fwd_pre_kwargs"]
 T = TypeVar("T")
@@ -46,4 +47,12 @@ class TensorDictRef:
         self._td = td
 
 
-__all__ = ["CacheProxy", "DIRECTION_TO_TYPE", "HookDirection", "MutableWeakRef", "TensorDictRef"]
+__all__ = [
+    "CacheProxy",
+    "DIRECTION_TO_TYPE",
+    "HookDirection",
+    "MutableWeakRef",
+    "TensorDictRef",
+    "resolve_submodule_path",
+    "submodule_path_to_name",
+]

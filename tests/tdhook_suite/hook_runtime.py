@@ -51,7 +51,6 @@ def hooks_module() -> types.ModuleType:
             setattr(module, name, getattr(fx_hooks, name))
     for name in ("MultiHookHandle", "MultiHookManager", "HookFactory"):
         setattr(module, name, type(name, (_Unavailable,), {}))
-    for name in ("register_hook_to_module", "resolve_submodule_path", "submodule_path_to_name"):
-        setattr(module, name, _unavailable)
+    module.register_hook_to_module = _unavailable
     module.EarlyStoppingException = EarlyStoppingException
     return module
