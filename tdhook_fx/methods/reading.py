@@ -28,7 +28,7 @@ from tdhook_fx.methods.grads import GradRead, add_grad_read, when_reached
 from tdhook_fx.methods.paths import ModuleRef, match_modules, no_match_error, refer
 from tdhook_fx.methods.programs import ProgramResult
 from tdhook_fx.methods.reads import FORWARD_PORT, GRAD_PORT, Read, add_read
-from tdhook_fx.methods.targets import site_of, target_index, target_site
+from tdhook_fx.methods.targets import selected_read, target_output
 from tdhook_fx.targets import Target
 
 
@@ -154,9 +154,8 @@ class ModuleReadingMethod(OnePassMethod):
         calls = table.calls(ref.name)
         if not calls:
             return None
-        site = target_site(table, ref.name, ref.module, target, direction, calls - 1)
-        name = builder.save(site_of(table, site, target_index(builder, target, site.shape)))
-        return Read(ref.key, ref.module, "out", [site], [name], [])
+        site, indexed = target_output(builder, table, ref.name, ref.module, target, calls - 1)
+        return selected_read(ref.key, ref.module, site, builder.save(indexed))
 
     def before_pass(self, hooked, td: TensorDictBase):
         """Checked and taken from `td` before the pass (what `consume` needs besides the values)."""

@@ -11,6 +11,7 @@ runtime index tensor).
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.errors import InvalidArgument
 from tdhook_fx.methods.programs import ProgramBuilder
-from tdhook_fx.methods.reads import dsl_site, ports
+from tdhook_fx.methods.reads import Read, dsl_site, ports
 from tdhook_fx.syntax import ast
 from tdhook_fx.targets import Target
 
@@ -138,3 +139,14 @@ def site_of(table: SiteTable, site: SiteInfo, index: ast.Index | None = None) ->
     """The DSL site naming `site`, with a tensor index."""
     plain = dsl_site(table, site)
     return ast.Site(plain.path, plain.call, plain.port, index)
+
+
+def target_output(builder: ProgramBuilder, table: SiteTable, name: str, module: nn.Module, target: Target, call: int):
+    """(the site, the indexed DSL site) of `target`'s units in call `call` of module `name`'s output."""
+    site = target_site(table, name, module, target, "fwd", call)
+    return site, site_of(table, site, target_index(builder, target, site.shape))
+
+
+def selected_read(key, module: nn.Module, site: SiteInfo, name: str) -> Read:
+    """A `Read` of one saved selection: its value is the saved tensor itself (never a tuple)."""
+    return Read(key, module, "out", [dataclasses.replace(site, item=None)], [name], [])
