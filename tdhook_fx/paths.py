@@ -33,9 +33,13 @@ def resolve_submodule_path(root: object, path: str) -> object:
     for kind, step in _parse(path):
         try:
             current = _attribute(current, step) if kind == "attribute" else _item(current, step)
-        except (AttributeError, IndexError, KeyError, TypeError) as error:
+        except (_StepError, AttributeError, IndexError, KeyError, TypeError) as error:
             raise UnknownModulePath(f"Invalid submodule path '{path}': {error}") from None
     return current
+
+
+class _StepError(Exception):
+    """One step of a path cannot be taken (reported as the whole path's UnknownModulePath)."""
 
 
 def _fail(path: str, reason: str) -> UnknownModulePath:
@@ -133,24 +137,24 @@ def _attribute(current: object, name: str) -> object:
             return _attribute(modules["module"], name)
     value = inspect.getattr_static(current, name)
     if inspect.getattr_static(type(value), "__get__", None) is not None:
-        raise AttributeError(f"'{type(current).__name__}' has a descriptor attribute '{name}'")
+        raise _StepError(f"'{type(current).__name__}' has a descriptor attribute '{name}'")
     return value
 
 
 def _item(current: object, index) -> object:
     if isinstance(current, nn.ModuleDict):
         if not isinstance(index, str):
-            raise TypeError("ModuleDict indexes must be strings")
+            raise _StepError("ModuleDict indexes must be strings")
         return _instance_dict(current)["_modules"][index]
     if isinstance(current, (nn.ModuleList, nn.Sequential)):
         if isinstance(index, str):
-            raise TypeError(f"{type(current).__name__} indexes must be integers or slices")
+            raise _StepError(f"{type(current).__name__} indexes must be integers or slices")
         return list(_instance_dict(current)["_modules"].values())[index]
     if isinstance(current, nn.Module):
-        raise TypeError(f"'{type(current).__name__}' is not a positional module container")
+        raise _StepError(f"'{type(current).__name__}' is not a positional module container")
     if type(current) in (dict, list, tuple):
         return current[index]
-    raise TypeError(f"'{type(current).__name__}' is not a supported indexable container")
+    raise _StepError(f"'{type(current).__name__}' is not a supported indexable container")
 
 
 def submodule_path_to_name(path: str) -> str:
