@@ -9,12 +9,14 @@ call has (a tensor, a dict of tuples, keyword arguments). `SessionRoot` makes th
     outputs(*tensor leaves of the result)      ->  sites `outputs:out.0`, ...
 
 Every other value of the call (strings, numbers, None) is a constant of the compiled program,
-part of its cache key. One `SessionRoot` is kept per model and argument structure (weakly, with
+part of its cache key. A model whose forward takes `use_cache` is called with `use_cache=False`
+unless the call says otherwise; a result holding other objects (a decoding cache) is refused. One `SessionRoot` is kept per model and argument structure (weakly, with
 the model), so the compiler's capture cache serves every later call.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from contextlib import contextmanager
 
@@ -78,6 +80,8 @@ _ROOTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 def root_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[RootCall, list]:
     """The `RootCall` for these arguments (made once per structure) and their tensor leaves."""
+    if "use_cache" in _parameters(model) and "use_cache" not in kwargs:
+        kwargs = {**kwargs, "use_cache": False}  # a compiled call returns tensors, not a decoding cache
     arguments, leaves = flatten((tuple(args), dict(kwargs)))
     if not leaves:
         leaves = [torch.zeros(())]  # the compiled program needs an input; the model ignores this one
@@ -92,8 +96,22 @@ def root_call(model: nn.Module, args: tuple, kwargs: dict) -> tuple[RootCall, li
             outputs = len(root(*leaves))  # records the result's structure
         if not outputs:
             raise MethodUsageError(f"{type(model).__name__} returned no tensor; a session needs tensor outputs")
+        objects = root.result.objects()
+        if objects:  # the capture's own objects would come back from every call
+            raise MethodUsageError(
+                f"{type(model).__name__} returns a {type(objects[0]).__name__}; a compiled call returns tensors in "
+                "tuples, lists and dicts (and plain constants)\n"
+                "  hint: call the model so that it returns tensors only (e.g. without caches)"
+            )
         call = per_model[key] = RootCall(root, outputs)
     return call, leaves
+
+
+def _parameters(model: nn.Module) -> dict:
+    try:
+        return dict(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
 
 
 @contextmanager

@@ -32,6 +32,12 @@ class Structure:
     items: tuple = ()  # ((key or slot, Structure), ...)
     template: object = None
 
+    def objects(self) -> list:
+        """The constants that are not plain values (numbers, strings, None): objects kept by identity."""
+        if self.kind == "constant":
+            return [] if _plain(self.template) else [self.template]
+        return [found for _, child in self.items for found in child.objects()]
+
     @property
     def signature(self) -> tuple:
         """What a compiled program depends on: the shape of the tree and its constants."""
@@ -39,8 +45,7 @@ class Structure:
             return ("tensor",)
         if self.kind == "constant":
             value = self.template
-            simple = value is None or isinstance(value, (bool, int, float, str))
-            return ("constant", type(value).__qualname__, value if simple else id(value))
+            return ("constant", type(value).__qualname__, value if _plain(value) else id(value))
         return (self.kind, type(self.template).__qualname__, tuple((k, s.signature) for k, s in self.items))
 
     def rebuild(self, tensors) -> object:
@@ -93,6 +98,10 @@ class Structure:
         if self.kind == "tensor":
             return {self.leaf}
         return set().union(*(child._leaf_numbers() for _, child in self.items))
+
+
+def _plain(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device))
 
 
 def flatten(value) -> tuple[Structure, list]:

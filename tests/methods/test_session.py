@@ -13,7 +13,7 @@ from tdhook.targets import Target as TdhookTarget
 from torch import nn
 
 from tdhook_fx import session as fx_session
-from tdhook_fx.errors import BindingError, InvalidArgument
+from tdhook_fx.errors import BindingError, InvalidArgument, MethodUsageError
 from tdhook_fx.methods.programs import PROGRAMS
 from tdhook_fx.targets import Target
 
@@ -210,3 +210,26 @@ def test_mistakes_are_refused_as_tdhook_refuses_them(mlp):
             session.replace(Target("0", "parameter", 0, (0,), parameter="weight"), torch.ones(4, 4))
     with pytest.raises(RuntimeError, match="active context"):
         session.capture(Target("0", "activation", -1, (0,)))
+
+
+def test_a_hugging_face_model_in_a_session_matches_tdhook(gpt2):
+    ids = gpt2.example["input_ids"]
+
+    def script(lib, T, model):
+        with lib.HookSession(model) as session:
+            captured = session.capture(T("transformer.h.0.mlp", "activation", -1, (3,)))
+            session.replace(T("transformer.h.1.attn", "activation", -1, (0, 5), output_path=(0,)), 0.5)
+            logits = model(ids).logits
+        return logits, captured.values
+
+    assert_close(*run_both(gpt2.model, script))
+
+
+def test_a_result_holding_an_object_is_refused():
+    class WithCache(nn.Module):
+        def forward(self, x):
+            return {"y": x * 2, "cache": object()}
+
+    model = WithCache()
+    with fx_session.HookSession(model), pytest.raises(MethodUsageError, match="returns a object"):
+        model(torch.ones(2))
