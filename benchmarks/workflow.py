@@ -20,10 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from tensordict.nn import TensorDictModule  # noqa: E402
+import torch
+from tensordict.nn import TensorDictModule
 
-from benchmarks.common import Config, Section, log, paired_ratios, setup_process  # noqa: E402
+from benchmarks.common import Config, Section, log, paired_ratios, setup_process
 
 
 class MeanProbe:
@@ -52,6 +52,23 @@ def counting_passes(model: torch.nn.Module):
     calls = []
     handle = model.register_forward_pre_hook(lambda module, args: calls.append(1))
     return calls, handle
+
+
+def counting_graph_runs(compiled_class, call) -> list:
+    """The compiled graphs' runs during `call()` (each one pass of the model)."""
+    runs = []
+    original = compiled_class._run_graph
+
+    def counted(self, *inputs):
+        runs.append(self)
+        return original(self, *inputs)
+
+    compiled_class._run_graph = counted
+    try:
+        call()
+    finally:
+        compiled_class._run_graph = original
+    return runs
 
 
 def run(config: Config) -> list[Section]:
@@ -89,13 +106,7 @@ def run(config: Config) -> list[Section]:
         calls, handle = counting_passes(sample.model)
         peers["tdhook"](model, sample.example.clone())
         handle.remove()
-        runs = []
-        original = CompiledModule._run_graph
-        CompiledModule._run_graph = lambda self, *inputs: runs.append(1) or original(self, *inputs)
-        try:
-            peers["tdhook_fx"](model, sample.example.clone())
-        finally:
-            CompiledModule._run_graph = original
+        runs = counting_graph_runs(CompiledModule, lambda: peers["tdhook_fx"](model, sample.example.clone()))
         passes = {"tdhook": len(calls), "tdhook_fx": len(runs)}
 
         timings = paired_ratios(

@@ -48,8 +48,8 @@ class TensorDictRef:
 
 
 __all__ = [
-    "CacheProxy",
     "DIRECTION_TO_TYPE",
+    "CacheProxy",
     "HookDirection",
     "MutableWeakRef",
     "TensorDictRef",

@@ -158,7 +158,7 @@ class HookSession:
     def replace(
         self,
         target: Target,
-        value: Tensor | float | int | CapturedTarget,
+        value: Tensor | float | CapturedTarget,
         *,
         direction: str | None = None,
         prepend: bool = False,

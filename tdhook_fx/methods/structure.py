@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from tensordict import NonTensorData
 from torch import fx
 
 from tdhook_fx.errors import InvalidArgument
@@ -45,7 +46,8 @@ class Structure:
             return ("tensor",)
         if self.kind == "constant":
             value = self.template
-            return ("constant", type(value).__qualname__, value if _plain(value) else id(value))
+            key = value.data if isinstance(value, NonTensorData) else value
+            return ("constant", type(value).__qualname__, key if _plain(value) else id(value))
         return (self.kind, type(self.template).__qualname__, tuple((k, s.signature) for k, s in self.items))
 
     def rebuild(self, tensors) -> object:
@@ -101,6 +103,8 @@ class Structure:
 
 
 def _plain(value) -> bool:
+    if isinstance(value, NonTensorData):  # a TensorDict's non-tensor entry
+        return _plain(value.data)
     return value is None or isinstance(value, (bool, int, float, complex, str, bytes, torch.dtype, torch.device))
 
 

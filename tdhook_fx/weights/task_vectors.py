@@ -152,7 +152,7 @@ class TaskVectors(OnePassMethod):
     def build(self, hooked: TaskVectorsModule, builder, table, td) -> None:
         """`steer PARAM += $task_alpha * $task_vector_N` per parameter, while vectors are applied."""
         if hooked.applied is None:
-            return None
+            return
         alpha, vectors = hooked.applied
         scale = builder.var("task_alpha", torch.as_tensor(alpha))
         for name, vector in vectors.items():
@@ -160,4 +160,3 @@ class TaskVectors(OnePassMethod):
                 continue  # a module the model does not call: its weights do nothing
             value = ast.BinOp("*", scale, builder.var("task_vector", vector))
             builder.add(ast.Steer(ast.Site(dsl_path(name)), "+=", value))
-        return None

@@ -18,7 +18,9 @@ def model():
 
 
 def specs(lib, T):
-    objective = lambda output, value: lib.InterventionObjective((output[:, 0] - 1).square().mean(), {"mean": output.mean()})  # noqa: E731
+    def objective(output, value):
+        return lib.InterventionObjective((output[:, 0] - 1).square().mean(), {"mean": output.mean()})
+
     return (
         lib.InterventionSpec(
             T("1", "activation", -1, (0, 2)), objective, "raise output 0", max_steps=6,

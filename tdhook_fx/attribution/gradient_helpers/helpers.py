@@ -63,9 +63,9 @@ def gauss_legendre_builders() -> Builders:
 
 
 __all__ = [
-    "Riemann",
     "SUPPORTED_METHODS",
     "SUPPORTED_RIEMANN_METHODS",
+    "Riemann",
     "approximation_parameters",
     "gauss_legendre_builders",
     "riemann_builders",
