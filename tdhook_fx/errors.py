@@ -178,3 +178,11 @@ class CommandLineError(TdhookFxError):
 
 class GenerationError(TdhookFxError, ValueError):
     """Text generation cannot run as asked (a model without a KV cache, an unsupported option or statement)."""
+
+
+class ReplacementShapeError(TdhookFxError, RuntimeError):
+    """A replacement value does not fit the units a target selects (tdhook's assignment raised RuntimeError)."""
+
+
+class WorkflowHandoffError(TdhookFxError, RuntimeError):
+    """A workflow cannot keep the shared or consolidated storage of the TensorDict it was given."""

@@ -30,6 +30,7 @@ from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.compiler.capture.sites import SiteTable
 from tdhook_fx.compiler.resolve import match_sites
 from tdhook_fx.errors import InvalidArgument, MissingInputKey, TdhookFxError
+from tdhook_fx.execution import ExecutionSpec, GradientMode
 from tdhook_fx.methods.context import HookingContextFactory, check_no_overlap
 from tdhook_fx.methods.interface import ModelInterface
 from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult
@@ -115,6 +116,11 @@ class GradientAttribution(HookingContextFactory):
             interface.in_keys + interface.out_keys,
             "Additional init keys must not be in the in_keys or out_keys",
         )
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's: gradients are required (one pass of the model)."""
+        return ExecutionSpec(gradient_mode=GradientMode.REQUIRED)
 
     def hooked_keys(self, interface: ModelInterface) -> tuple[list, list]:
         """The model inputs' keys (what the metrics perturb), and the keys the method writes."""

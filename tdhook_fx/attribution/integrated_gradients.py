@@ -13,6 +13,7 @@ from tdhook_fx.attribution.gradients import GradientAttribution, _flatten
 from tdhook_fx.attribution.quadrature import quadrature
 from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.errors import InvalidArgument, MissingInputKey
+from tdhook_fx.execution import ExecutionSpec, GradientMode
 
 
 class IntegratedGradients(GradientAttribution):
@@ -51,6 +52,12 @@ class IntegratedGradients(GradientAttribution):
         alphas, step_sizes = quadrature(method, n_steps)
         self._alphas = torch.tensor(alphas, dtype=torch.float64)  # cast per input: the same rounding as from floats
         self._step_sizes = torch.tensor(step_sizes, dtype=torch.float64)
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's count: the convergence delta costs two more passes there (one here)."""
+        passes = 3 if self._compute_convergence_delta else 1
+        return ExecutionSpec(model_passes=passes, gradient_mode=GradientMode.REQUIRED)
 
     def hooked_keys(self, interface) -> tuple[list, list]:
         in_keys, out_keys = super().hooked_keys(interface)

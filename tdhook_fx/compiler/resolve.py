@@ -91,6 +91,7 @@ class _Resolver:
         self.runtime: dict[str, None] = {}
         self.patch_sources: dict[str, None] = {}
         self.stop: Intervention | None = None
+        self.edited: set[str] = set()  # parameters a set/steer edits (a prune must come before)
 
     def run(self, program: ast.Program) -> ResolvedProgram:
         deep = ast.too_deep(program)  # a parsed program is checked already; one built by hand is here
@@ -118,6 +119,10 @@ class _Resolver:
     def _statement(self, statement) -> None:
         if isinstance(statement, ast.Prune):
             self._prune(statement)
+            return
+        parameters = self._edited_parameters(statement)
+        if parameters is not None:
+            self._parameter_edit(statement, parameters)
             return
         targets = self._activation_sites(statement.site, many_ok=isinstance(statement, ast.Save))
         if isinstance(statement, ast.Save) and statement.name is not None and len(targets) > 1:
@@ -169,6 +174,8 @@ class _Resolver:
 
     def _prune(self, statement: ast.Prune) -> None:
         for site in self._parameter_sites(statement.param):
+            if site.name in self.edited:
+                raise _Problem(statement.span, f"{site.name} is edited by an earlier statement", "put the prune first")
             numel = math.prod(site.shape)
             amount = statement.amount
             if not amount.percent and amount.value > numel:
@@ -189,6 +196,33 @@ class _Resolver:
             if isinstance(statement.criterion, ast.Importance):
                 self.runtime[statement.criterion.var.name] = None
             self.interventions.append(Intervention(statement, site))
+
+    def _edited_parameters(self, statement) -> list[tuple[SiteInfo, ast.Index | None]] | None:
+        """For `set`/`steer` whose site names a parameter (`fc.weight`, `fc.weight[0]`): its sites."""
+        if not isinstance(statement, (ast.Set, ast.Steer)) or getattr(statement, "grad", False):
+            return None
+        site = statement.site
+        if site.port is not None or site.call is not None or not isinstance(site.path, ast.Path):
+            return None
+        segments, index = site.path.segments, site.index
+        if index is None and len(segments) > 1 and isinstance(segments[-1], ast.Index):
+            segments, index = segments[:-1], segments[-1]  # `fc.weight[0]`: brackets after a parameter index it
+        if not segments or not isinstance(segments[-1], ast.Attr):
+            return None
+        try:
+            found = self._parameter_sites(ast.Path(tuple(segments), span=site.path.span))
+        except _Problem:
+            return None
+        return [(parameter, index) for parameter in found]
+
+    def _parameter_edit(self, statement, parameters) -> None:
+        """A weight edited where its module uses it (see `passes.parameters`)."""
+        for site, index in parameters:
+            resolved_index = self._index(index, site) if index is not None else None
+            _check_parameter_value(statement.value)
+            self._value(statement.value, site, _region_shape(site, resolved_index), statement)
+            self.edited.add(site.name)
+            self.interventions.append(Intervention(statement, site, resolved_index))
 
     def _check_after_stop(self) -> None:
         if self.stop is None:
@@ -532,6 +566,29 @@ def _pattern(path: ast.RegexPath):
         return compile_pattern(path.pattern)
     except InvalidPattern as error:
         raise _Problem(path.span, error.reason, *error.hints) from None
+
+
+def _check_parameter_value(expr) -> None:
+    """A weight edit is computed before the forward's values: no `@name`, no batch `mean`."""
+    for node in _walk(expr):
+        if isinstance(node, (ast.Saved, ast.Mean)):
+            raise _Problem(
+                node.span,
+                f"'{node}' is a value of the forward pass; a parameter edit takes numbers, runtime values, "
+                "'value' (the weight) and 'zeros'",
+            )
+
+
+def _walk(expr):
+    yield expr
+    if isinstance(expr, ast.Neg):
+        yield from _walk(expr.operand)
+    elif isinstance(expr, ast.BinOp):
+        yield from _walk(expr.left)
+        yield from _walk(expr.right)
+    elif isinstance(expr, ast.Call):
+        for argument in expr.args:
+            yield from _walk(argument)
 
 
 def _check_differentiable(statement, site: SiteInfo) -> None:

@@ -32,6 +32,7 @@ from torch import nn
 
 from tdhook_fx.compiler.capture.sites import SiteTable
 from tdhook_fx.errors import InvalidArgument, MethodUsageError
+from tdhook_fx.execution import ExecutionSpec
 from tdhook_fx.methods.hooked import HookedModule
 from tdhook_fx.methods.interface import ModelInterface
 from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult
@@ -93,6 +94,8 @@ class HookingContext:
     @contextmanager
     def disable_hooks(self):
         """Inside this block the hooked module runs the plain model (no method)."""
+        if not self._active:
+            raise MethodUsageError("Cannot disable hooks outside an active context")
         self._disabled = True
         try:
             yield self._hooked
@@ -103,6 +106,8 @@ class HookingContext:
     def disable(self):
         """Inside this block, the model itself (nothing to restore: it was never changed; its
         `generate` is the plain one too)."""
+        if not self._active:
+            raise MethodUsageError("Cannot disable a method outside an active context")
         self._disabled = True
         try:
             yield self._hooked.td_module
@@ -164,10 +169,15 @@ class HookingContextWithCache(HookingContext):
     def cache(self) -> TensorDictBase:
         return self._cache
 
+    def clear(self) -> None:
+        """Empty the cache (a locked or memory-mapped one refuses: its entries are preallocated)."""
+        if self._cache.is_locked:
+            raise InvalidArgument("locked or memory-mapped caches require clear_cache=False")
+        self._cache.clear()
+
     def _on_enter(self) -> None:
         if self._clear_cache:
-            for key in list(self._cache.keys()):
-                del self._cache[key]
+            self.clear()
 
 
 class HookingContextFactory(ABC):
@@ -187,9 +197,14 @@ class HookingContextFactory(ABC):
 
     # ---- the protocol -----------------------------------------------------------------------
 
-    @abstractmethod
     def forward(self, hooked: HookedModule, td: TensorDictBase) -> TensorDictBase:
-        """What `hooked(td)` does while the method is active."""
+        """What `hooked(td)` does while the method is active (the base, as tdhook's: the model as it is)."""
+        return hooked.single_pass(td)
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """What a call needs from the model runs (tdhook's `ExecutionSpec`; `Workflow` reads it)."""
+        return ExecutionSpec()
 
     def hooked_keys(self, interface: ModelInterface) -> tuple[list, list]:
         """The hooked module's in_keys and out_keys: what a call reads from and writes to the TensorDict."""

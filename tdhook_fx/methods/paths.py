@@ -101,7 +101,7 @@ def _step(root: nn.Module, module: nn.Module, step: str | int, walked: list[str]
     if "module" in children and step in children["module"]._modules:  # a wrapper (TensorDictModule, DDP)
         return children["module"]._modules[step]
     where = ".".join(walked) or "the model"
-    if hasattr(module, step) and isinstance(getattr(module, step), nn.Parameter):
+    if module._parameters.get(step) is not None:  # never getattr: a property must not run
         raise _unknown(root, path, f"{where}.{step} is a parameter, not a module")
     raise _unknown(root, path, f"{where} has no submodule '{step}'")
 

@@ -18,6 +18,7 @@ from tdhook_fx.compiler.graphs import fetch_attr, is_impure, readable
 from tdhook_fx.compiler.ir import ResolvedProgram
 from tdhook_fx.compiler.passes.grad import insert_save_grad, insert_set_grad, move_grad_inputs_last
 from tdhook_fx.compiler.passes.meta import INSERTED, SITE
+from tdhook_fx.compiler.passes.parameters import insert_parameter_edit
 from tdhook_fx.compiler.passes.patch import insert_patch
 from tdhook_fx.compiler.passes.prune import insert_prune
 from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
@@ -36,6 +37,7 @@ PASSES = {
     "save_grad": insert_save_grad,
     "set_grad": insert_set_grad,
 }
+PARAMETER_PASSES = {"set": insert_parameter_edit, "steer": insert_parameter_edit}  # on a parameter site
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class Rewritten:
 def rewrite(capture: Capture, resolved: ResolvedProgram) -> Rewritten:
     ctx = RewriteContext(capture, resolved)
     for intervention in resolved.interventions:
-        PASSES[intervention.kind](ctx, intervention)
+        on_parameter = intervention.site.kind == "param" and intervention.kind in PARAMETER_PASSES
+        (PARAMETER_PASSES if on_parameter else PASSES)[intervention.kind](ctx, intervention)
     return _finish(ctx)
 
 
