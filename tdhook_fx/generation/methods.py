@@ -60,7 +60,7 @@ def generate_hooked(hooked: HookedModule, inputs, max_new_tokens: int | None = N
     out = result(generated, with_saved=False)
     if finish is not None:
         finish(ProgramResult(None, generated.saved, hooked.compiled), out)
-    return out
+    return hooked.finalize_tensordict(out)
 
 
 def model_generate(hooked: HookedModule, args: tuple, kwargs: dict):

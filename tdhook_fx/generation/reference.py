@@ -45,9 +45,9 @@ def generate(
         handles.append(module.register_forward_hook(recorder._post(name), with_kwargs=True))
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         generation_kwargs.setdefault("logits_to_keep", 0)  # every position reaches the head, as in one forward
-    prunes = [s for s in program.statements if isinstance(s, ast.Prune)]
+    edits = [s for s in program.statements if isinstance(s, ast.Prune) or hooked.edited_parameters(s)]
     try:
-        with _pruned(hooked, prunes), torch.no_grad():
+        with _pruned(hooked, edits, recorder._eval), torch.no_grad():
             output = model.generate(
                 input_ids, max_new_tokens=max_new_tokens, return_dict_in_generate=True, output_logits=True,
                 **generation_kwargs,
