@@ -28,7 +28,7 @@ def trained(module, name, args, options, inputs, target):
 
 @pytest.mark.parametrize("case", CASES)
 def test_same_probe_as_tdhook(case):
-    name, args, options, inputs, target = CASES[case]
+    inputs = CASES[case][3]
     mine, reference = trained(ours, *CASES[case]), trained(theirs, *CASES[case])
     assert list(mine.state_dict()) == list(reference.state_dict())
     for key, value in reference.state_dict().items():
