@@ -130,6 +130,7 @@ class GradientAttribution(HookingContextFactory):
         """The statements this method compiles into the model for inputs whose sites are `table`."""
         found = AttributionProgram()
         builder = found.builder
+        self.add_rewrites(hooked, table, builder)
         named = []  # the sites the program names (a `stop` may follow the last of them)
         for path in self._input_modules:
             site = _one_site(table, path, "input_modules")
@@ -149,6 +150,10 @@ class GradientAttribution(HookingContextFactory):
         if not self._use_outputs and named:  # nothing after the last named site is needed: cut the graph there
             builder.add(ast.Stop(dsl_site(table, max(named, key=lambda s: s.order))))
         return found
+
+    def add_rewrites(self, hooked, table: SiteTable, builder: ProgramBuilder) -> None:
+        """Statements that change the model's backward before anything reads it (LRP's rules): a
+        module's `save grad` then sees what reaches its output, before its own rule."""
 
     def add_statements(self, hooked, table: SiteTable, builder: ProgramBuilder) -> None:
         """Statements a method adds to the program (guided backpropagation's gradient clamps)."""

@@ -18,6 +18,7 @@ from torch import nn
 
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values
+from tdhook_fx.compiler.rules import rule_problem_at
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.syntax import ast
@@ -89,6 +90,7 @@ class _Resolver:
         self.runtime: dict[str, None] = {}
         self.patch_sources: dict[str, None] = {}
         self.stop: Intervention | None = None
+        self.ruled: dict = {}  # (module, call) -> its rule statement
 
     def run(self, program: ast.Program) -> ResolvedProgram:
         for statement in program.statements:
@@ -114,7 +116,7 @@ class _Resolver:
         if isinstance(statement, ast.Prune):
             self._prune(statement)
             return
-        targets = self._activation_sites(statement.site, many_ok=isinstance(statement, ast.Save))
+        targets = self._activation_sites(statement.site, many_ok=isinstance(statement, (ast.Save, ast.Rule)))
         if isinstance(statement, ast.Save) and statement.name is not None and len(targets) > 1:
             raise _Problem(
                 statement.site.span,
@@ -137,6 +139,8 @@ class _Resolver:
                 self.patch_sources[statement.source or DEFAULT_PATCH_SOURCE] = None
                 if statement.function is not None:
                     self.runtime[statement.function.name] = None
+            elif isinstance(statement, ast.Rule):
+                self._rule(statement, site, index)
             elif isinstance(statement, ast.Stop):
                 if self.stop is not None:
                     raise _Problem(
@@ -146,6 +150,12 @@ class _Resolver:
                     )
                 self.stop = intervention
             self.interventions.append(intervention)
+
+    def _rule(self, statement: ast.Rule, site: SiteInfo, index) -> None:
+        problem = rule_problem_at(statement, site, index, self.sites, self.ruled)
+        if problem is not None:
+            raise _Problem(statement.span, *problem)
+        self.ruled[(site.module, site.call)] = statement
 
     def _save(self, statement: ast.Save, site: SiteInfo, index, region) -> None:
         name = statement.name or (f"{site.name}.grad" if statement.grad else site.name)

@@ -21,6 +21,7 @@ from tdhook_fx.compiler.passes.meta import INSERTED, SITE
 from tdhook_fx.compiler.passes.patch import insert_patch
 from tdhook_fx.compiler.passes.prune import insert_prune
 from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
+from tdhook_fx.compiler.passes.rule import insert_rule
 from tdhook_fx.compiler.passes.save import insert_save
 from tdhook_fx.compiler.passes.set_value import insert_set
 from tdhook_fx.compiler.passes.steer import insert_steer
@@ -35,6 +36,7 @@ PASSES = {
     "stop": insert_stop,
     "save_grad": insert_save_grad,
     "set_grad": insert_set_grad,
+    "rule": insert_rule,
 }
 
 
