@@ -83,6 +83,11 @@ def values_only(y: torch.Tensor) -> torch.Tensor:
 # ---- rules that recompute the module ------------------------------------------------------------
 
 
+def surrogate(rule: nn.Module, y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """`y` with the gradient of `rule` (a `ChangedParameters` or `LayerNormEpsilon` of the graph)."""
+    return rule(y, *inputs)
+
+
 def changed_forward(module: nn.Module, parameters: dict, *inputs: torch.Tensor) -> torch.Tensor:
     """`module(*inputs)` with some of its own parameters replaced."""
     if isinstance(module, nn.Linear):
@@ -101,7 +106,7 @@ class ChangedParameters(nn.Module):
       parameters; alpha times the positive contributions minus beta times the negative ones,
       each normalized by its own total (the bias counts with its sign).
 
-    The graph calls it as `self.rule_<site>(y, *inputs)`; it returns `y` with the new gradient.
+    The graph calls it through `surrogate(self.rule_<site>, y, *inputs)`: `y` with the new gradient.
     """
 
     def __init__(self, module: nn.Module, rule: str, arguments: dict[str, float], site: str):
@@ -115,16 +120,16 @@ class ChangedParameters(nn.Module):
         values = ", ".join(f"{name}={value:g}" for name, value in self.arguments.items())
         return f"rule {self.site} = {self.rule}({values})"
 
-    def _parameters(self, change) -> dict:
+    def _changed(self, change) -> dict:
         return {name: change(name, p) for name, p in self.module.named_parameters(recurse=False)}
 
     def forward(self, y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
         if self.rule == "alpha_beta":
             return rerouted(y, self._alpha_beta(inputs[0]))
         if self.rule == "w_square":
-            parameters = self._parameters(lambda name, p: p * p)
+            parameters = self._changed(lambda name, p: p * p)
         else:
-            parameters = self._parameters(lambda name, p: torch.zeros_like(p) if name == "bias" else torch.ones_like(p))
+            parameters = self._changed(lambda name, p: torch.zeros_like(p) if name == "bias" else torch.ones_like(p))
         ones = [torch.ones_like(x) + (x - x.detach()) for x in inputs]  # ones in value, the gradient goes to x
         z = changed_forward(self.module, parameters, *ones)
         return rerouted(y, z / stabilized(z.detach(), self.arguments["stabilizer"]))
@@ -141,7 +146,7 @@ class ChangedParameters(nn.Module):
                     return torch.zeros_like(p)
                 return p.clamp(min=0) if sign > 0 else p.clamp(max=0)
 
-            return changed_forward(self.module, self._parameters(clamp), part)
+            return changed_forward(self.module, self._changed(clamp), part)
 
         activating = through(1, True, x_positive) + through(-1, False, x_negative)
         found = alpha * (activating / stabilized(activating.detach(), stabilizer))

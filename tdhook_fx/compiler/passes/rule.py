@@ -10,8 +10,8 @@ through it (also after torch.compile or torch.export) carries relevance.
   `epsilon_normalized(y)` (gradient / stabilized y). Rules on modules inside the region still
   apply, as they would for a module whose forward was replaced.
 - rules with other parameters (w_square, flat, alpha_beta) and layer_norm add a small module
-  that recomputes the module on its inputs, `self.rule_<site>(y, x)`, and take the gradient
-  through that surrogate;
+  that recomputes the module on its inputs (`relevance.surrogate(self.rule_<site>, y, x)`) and
+  take the gradient through that surrogate;
 - the others (pass, stop, uniform, softmax_epsilon, pseudo_identity, ahqkv) are one function of
   the output (and inputs).
 """
@@ -73,11 +73,12 @@ def _rewrite(ctx: RewriteContext, site: str, function, *args, name: str) -> None
 
 
 def _rewrite_with_module(ctx: RewriteContext, site: str, surrogate: nn.Module, inputs: list) -> None:
-    """The site's value becomes `self.rule_<site>(value, *inputs)` (the surrogate module)."""
+    """The site's value becomes `relevance.surrogate(self.rule_<site>, value, *inputs)`."""
     target = ctx.unused_name(readable(f"rule_{site}"))
     ctx.attributes[target] = surrogate
     with ctx.after_value(site), ctx.new_nodes() as made:
-        new = ctx.graph.call_module(target, (ctx.current[site], *inputs))
+        module = ctx.graph.get_attr(target)
+        new = ctx.call(relevance.surrogate, module, ctx.current[site], *inputs, name=f"relevance_{site}")
     ctx.replace(site, new, made)
 
 
