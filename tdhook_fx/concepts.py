@@ -118,7 +118,7 @@ def concept_channel_gradient_callback(channel: int, direction: int, *, channel_a
 
 def uniform_selection(selection) -> tuple[int, int]:
     """(channel, direction) from a selection TensorDict, the same for every example."""
-    if not isinstance(selection, TensorDictBase) or "channel" not in selection.keys() or "direction" not in selection.keys():
+    if not isinstance(selection, TensorDictBase) or not {"channel", "direction"} <= set(selection.keys()):
         raise InvalidArgument("Concept selection must provide 'channel' and 'direction'")
     channel, direction = selection.get("channel"), selection.get("direction")
     if not isinstance(channel, torch.Tensor) or not isinstance(direction, torch.Tensor):

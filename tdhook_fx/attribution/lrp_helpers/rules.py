@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from tdhook_fx.attribution.lrp_helpers.layers import Sum
-from tdhook_fx.attribution.lrp_helpers.types import Activation, AvgPool, BatchNorm, Convolution, Linear, MaxPool
+from tdhook_fx.attribution.lrp_helpers.types import (
+    Activation,
+    AvgPool,
+    BatchNorm,
+    Convolution,
+    Linear,
+    MaxPool,
+)
 from tdhook_fx.errors import InvalidArgument, MethodUsageError
 
 

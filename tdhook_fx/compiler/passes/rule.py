@@ -39,7 +39,7 @@ def insert_rule(ctx: RewriteContext, intervention: Intervention) -> None:
     site = output.name
     if kind.name in ("epsilon", "uniform_epsilon"):
         for name in inputs:
-            _rewrite(ctx, name, relevance.times_input, name=f"rule_in_{name}")
+            _rewrite_use(ctx, name, relevance.times_input, name=f"rule_in_{name}")
         count = len(inputs) if kind.name == "uniform_epsilon" else 1
         _rewrite(ctx, site, relevance.epsilon_normalized, arguments["epsilon"], count, name=f"rule_{site}")
     elif kind.name in ("w_square", "flat", "alpha_beta", "layer_norm"):
@@ -70,6 +70,16 @@ def _rewrite(ctx: RewriteContext, site: str, function, *args, name: str) -> None
     with ctx.after_value(site), ctx.new_nodes() as made:
         new = ctx.call(function, ctx.current[site], *args, name=name)
     ctx.replace(site, new, made)
+
+
+def _rewrite_use(ctx: RewriteContext, site: str, function, *args, name: str) -> None:
+    """The module reads `function(value, *args)` at an input site; the site itself keeps its value,
+    so a later `save grad` of it reads what the rule passes back (the relevance), not what the
+    rule receives."""
+    old = ctx.current[site]
+    with ctx.after_value(site), ctx.new_nodes() as made:
+        new = ctx.call(function, old, *args, name=name)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in made and user not in ctx.pinned)
 
 
 def _rewrite_with_module(ctx: RewriteContext, site: str, surrogate: nn.Module, inputs: list) -> None:
