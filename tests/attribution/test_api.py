@@ -6,7 +6,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from tdhook_fx import TdhookFxError
+from tdhook_fx import TdhookFxError, zoo
 from tdhook_fx.attribution import (
     ActivationMaximisation,
     GradCAM,
@@ -15,7 +15,6 @@ from tdhook_fx.attribution import (
     Saliency,
 )
 from tdhook_fx.methods.programs import PROGRAMS
-from tdhook_fx import zoo
 from tests.attribution.models import attribute, first_output, inputs, mlp
 
 

@@ -2,9 +2,9 @@
 
 import captum.attr as captum
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
-import torch
 from tensordict import TensorDict
 from torch import nn
 

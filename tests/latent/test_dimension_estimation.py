@@ -3,7 +3,7 @@
 import pytest
 import tdhook.latent.dimension_estimation as theirs
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from tensordict import TensorDict
 
@@ -31,8 +31,11 @@ def assert_same(mine: TensorDict, reference: TensorDict) -> None:
         torch.testing.assert_close(mine[key], reference[key], rtol=2e-6, atol=1e-6, equal_nan=True)
 
 
-@pytest.mark.parametrize(("name", "options"), CASES)
-@pytest.mark.parametrize("data", ["curved", "duplicates", "one dataset", "float64"])
+@pytest.mark.parametrize(
+    ("name", "options", "data"),
+    [(name, options, data) for name, options in CASES for data in ("curved", "duplicates")]
+    + [(name, many[0], data) for name, many in ESTIMATORS.items() for data in ("one dataset", "float64")],
+)
 def test_equal_to_tdhook(name, options, data):
     points = {
         "curved": lambda: curved(),
@@ -43,6 +46,7 @@ def test_equal_to_tdhook(name, options, data):
     assert_same(run(ours, name, options, points), run(theirs, name, options, points))
 
 
+@settings(max_examples=10)
 @given(points=st.integers(12, 60), features=st.integers(1, 9), seed=st.integers(0, 2**16), k=st.sampled_from(["auto", 2, 3, 5]))
 def test_equal_to_tdhook_on_random_clouds(points, features, seed, k):
     data = torch.randn(points, features, generator=torch.Generator().manual_seed(seed))

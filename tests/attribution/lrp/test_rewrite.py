@@ -68,7 +68,7 @@ def test_the_method_compiles_rules_into_its_program_and_installs_nothing():
     assert "relevance_times_input" in code and "relevance_epsilon_normalized" in code and "relevance_passed" in code
 
 
-@pytest.mark.parametrize(("name", "program"), [("cnn", CNN_RULES), ("block", BLOCK_RULES)])
+@pytest.mark.parametrize(("name", "program"), [("cnn", CNN_RULES), pytest.param("block", BLOCK_RULES, marks=pytest.mark.slow)])
 def test_torch_compile_without_graph_breaks_and_export_keep_the_relevance(name, program, tmp_path):
     model, x = {"cnn": cnn, "block": block}[name](), inputs(name)
     compiled = tdhook_fx.compile(model, program, example=(x,))
@@ -109,9 +109,13 @@ def test_mistakes_are_refused_with_their_place(program, message):
         tdhook_fx.compile(cnn(), program, example=(inputs("cnn"),))
 
 
-def test_a_rule_needs_a_name():
-    with pytest.raises(DslSyntaxError):
+def test_syntax_errors_know_the_rule_statement():
+    with pytest.raises(DslSyntaxError, match="expected: a name"):
         parse("rule 0 = (1)")
+    with pytest.raises(DslSyntaxError, match="did you mean 'rule'"):
+        parse("rulez 0 = epsilon")
+    with pytest.raises(DslSyntaxError, match="unexpected name 'a'"):
+        parse("rule 0 = epsilon(a)")
 
 
 def test_rules_of_the_method_layer_only():
