@@ -22,12 +22,12 @@ from tdhook_fx.attribution.lrp import LRP
 from tdhook_fx.attribution.saliency import Saliency
 
 __all__ = [
+    "LRP",
     "ActivationMaximisation",
     "DimsConfig",
     "GradCAM",
     "GradientAttribution",
     "GuidedBackpropagation",
     "IntegratedGradients",
-    "LRP",
     "Saliency",
 ]
