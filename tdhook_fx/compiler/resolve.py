@@ -19,6 +19,7 @@ from torch import nn
 
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values
+from tdhook_fx.compiler.rules import rule_problem_at
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
 from tdhook_fx.errors import Diagnostic, InvalidPattern, ResolutionError
 from tdhook_fx.syntax import ast
@@ -92,6 +93,7 @@ class _Resolver:
         self.patch_sources: dict[str, None] = {}
         self.stop: Intervention | None = None
         self.edited: set[str] = set()  # parameters a set/steer edits (a prune must come before)
+        self.ruled: dict = {}  # (module, call) -> its rule statement
 
     def run(self, program: ast.Program) -> ResolvedProgram:
         deep = ast.too_deep(program)  # a parsed program is checked already; one built by hand is here
@@ -124,7 +126,7 @@ class _Resolver:
         if parameters is not None:
             self._parameter_edit(statement, parameters)
             return
-        targets = self._activation_sites(statement.site, many_ok=isinstance(statement, ast.Save))
+        targets = self._activation_sites(statement.site, many_ok=isinstance(statement, (ast.Save, ast.Rule)))
         if isinstance(statement, ast.Save) and statement.name is not None and len(targets) > 1:
             raise _Problem(
                 statement.site.span,
@@ -147,6 +149,8 @@ class _Resolver:
                 self.patch_sources[statement.source or DEFAULT_PATCH_SOURCE] = None
                 if statement.function is not None:
                     self.runtime[statement.function.name] = None
+            elif isinstance(statement, ast.Rule):
+                self._rule(statement, site, index)
             elif isinstance(statement, ast.Stop):
                 if self.stop is not None:
                     raise _Problem(
@@ -156,6 +160,12 @@ class _Resolver:
                     )
                 self.stop = intervention
             self.interventions.append(intervention)
+
+    def _rule(self, statement: ast.Rule, site: SiteInfo, index) -> None:
+        problem = rule_problem_at(statement, site, index, self.sites, self.ruled)
+        if problem is not None:
+            raise _Problem(statement.span, *problem)
+        self.ruled[(site.module, site.call)] = statement
 
     def _save(self, statement: ast.Save, site: SiteInfo, index, region) -> None:
         name = statement.name or (f"{site.name}.grad" if statement.grad else site.name)

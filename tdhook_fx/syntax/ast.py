@@ -317,7 +317,18 @@ class Stop(Node):
     span: Span | None = _span()
 
 
-Statement = Union[Save, Set, Patch, Steer, Prune, Stop]
+@dataclass(frozen=True)
+class Rule(Node):
+    """`rule SITE = NAME(ARGS)`: relevance through the module at SITE propagates by the LRP rule
+    NAME (tdhook_fx.compiler.rules lists them) with numeric arguments ARGS."""
+
+    site: Site
+    name: str
+    args: tuple[int | float, ...] = ()
+    span: Span | None = _span()
+
+
+Statement = Union[Save, Set, Patch, Steer, Prune, Stop, Rule]
 
 
 @dataclass(frozen=True)

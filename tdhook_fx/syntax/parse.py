@@ -24,6 +24,7 @@ RULE_TO_AST: dict[str, type] = {
     "steer_statement": ast.Steer,
     "prune_statement": ast.Prune,
     "stop_statement": ast.Stop,
+    "rule_statement": ast.Rule,
     "site": ast.Site,
     "regex_path": ast.RegexPath,
     "path_start": ast.Path,
@@ -274,6 +275,10 @@ class _ToAst(Transformer_NonRecursive):  # any depth of tree without recursion; 
 
     def stop_statement(self, meta, children):
         return ast.Stop(children[0], span=_span(meta))
+
+    def rule_statement(self, meta, children):
+        site, name, *args = children
+        return ast.Rule(site, str(name), tuple(_number(a) for a in args), span=_span(meta))
 
     # ---- sites ----
     def site(self, meta, children):

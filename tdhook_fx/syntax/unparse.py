@@ -116,6 +116,12 @@ def _(node, text) -> str:
     return f"stop {text(node.site)}"
 
 
+@_prints("Rule")
+def _(node) -> str:
+    args = "(" + ", ".join(repr(a) for a in node.args) + ")" if node.args else ""
+    return f"rule {unparse(node.site)} = {node.name}{args}"
+
+
 # ---- sites ----------------------------------------------------------------------------------
 
 

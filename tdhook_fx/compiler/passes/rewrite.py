@@ -22,6 +22,7 @@ from tdhook_fx.compiler.passes.parameters import insert_parameter_edit
 from tdhook_fx.compiler.passes.patch import insert_patch
 from tdhook_fx.compiler.passes.prune import insert_prune
 from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
+from tdhook_fx.compiler.passes.rule import insert_rule
 from tdhook_fx.compiler.passes.save import insert_save
 from tdhook_fx.compiler.passes.set_value import insert_set
 from tdhook_fx.compiler.passes.steer import insert_steer
@@ -36,6 +37,7 @@ PASSES = {
     "stop": insert_stop,
     "save_grad": insert_save_grad,
     "set_grad": insert_set_grad,
+    "rule": insert_rule,
 }
 PARAMETER_PASSES = {"set": insert_parameter_edit, "steer": insert_parameter_edit}  # on a parameter site
 
