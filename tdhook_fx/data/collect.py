@@ -92,7 +92,7 @@ def collect(
     settings = {
         "what": "collect",
         "module": _describe(module),
-        "keys": [list(k) if isinstance(k, tuple) else k for k in keys],
+        "keys": _json_keys(keys),
         "dtype": None if dtype is None else str(dtype),
         "mask": list(mask) if isinstance(mask, tuple) else mask,
         "flatten": tokens,
@@ -132,8 +132,12 @@ def _mask(result: TensorDictBase, key: NestedKey, number: int) -> torch.Tensor:
 def _describe(module) -> dict:
     """What a rerun must run again to continue a collection (the program, the method, the model)."""
     if isinstance(module, CompiledModule):
-        return {"class": "CompiledModule", "program": module.program, "model": type(module.base_model).__qualname__}
+        return {"class": "CompiledModule", "program": module.program, "in_keys": _json_keys(module.in_keys), "out_keys": _json_keys(module.out_keys)}
     if isinstance(module, HookedModule):
         method = type(module.method).__qualname__ if module.method is not None else None
         return {"class": "HookedModule", "method": method, "model": type(module.td_module).__qualname__}
     return {"class": type(module).__qualname__}
+
+
+def _json_keys(keys) -> list:
+    return [list(key) if isinstance(key, tuple) else key for key in keys]
