@@ -5,7 +5,7 @@ expected result itself and compare it with what a child, a killed child or a gro
 
     python -m tests.data.workers collect PATH [--batches N] [--kill-at K] [--fail-at K --fail-rank R]
                                         [--fetched FILE] [--pause S] [--mask]
-    python -m tests.data.workers memory PATH --batches N      # prints {"peak_rss_kib": ...}
+    python -m tests.data.workers memory PATH                  # peak memory after 10, then 100 batches
     python -m tests.data.workers train OUT [--steps S]        # DDP steering; writes the vector
 """
 
@@ -121,18 +121,21 @@ def run_collect(args) -> None:
 
 
 def run_memory(args) -> None:
-    """Collect `--batches` wide batches made on the fly; print the peak resident memory."""
+    """Collect 10, then 100 wide batches made on the fly; print the peak resident memory after each."""
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
     example = TensorDict(input=torch.randn(512, 256), batch_size=[512])
     cm = tdhook_fx.compile(model, "save {0,2}", example=example)
 
-    def batches():
+    def batches(count):
         generator = torch.Generator().manual_seed(0)
-        for _ in range(args.batches):
+        for _ in range(count):
             yield TensorDict(input=torch.randn(512, 256, generator=generator), batch_size=[512])
 
-    stored = tdhook_fx.collect(cm, batches(), args.path)
-    print(json.dumps({"rows": stored.batch_size[0], "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    report = {}
+    for count in (10, 100):
+        stored = tdhook_fx.collect(cm, batches(count), os.path.join(args.path, str(count)))
+        report[count] = {"rows": stored.batch_size[0], "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+    print(json.dumps(report))
 
 
 class Steered(nn.Module):
