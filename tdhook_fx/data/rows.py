@@ -21,11 +21,13 @@ POSITION = "position"  # with token flattening: the position of each row's token
 
 @dataclass(frozen=True)
 class Rows:
-    """The rows of one batch (`td`, batch size [rows]), its example count, and rows per example."""
+    """The rows of one batch (`td`, batch size [rows]), its example count, rows per example, and
+    JSON `constants` shared by every row (stored once, in tensordict's metadata)."""
 
     td: TensorDictBase
     examples: int
     counts: tuple[int, ...] | None = None
+    constants: dict | None = None
 
     @classmethod
     def select(cls, result: TensorDictBase, keys: list, number: int) -> Rows:
@@ -70,12 +72,12 @@ class Rows:
             else:
                 rows.set(key, value[on_device])
         rows.set(POSITION, keep.nonzero()[:, 1])
-        return Rows(rows, examples, tuple(counts.tolist()))
+        return Rows(rows, examples, tuple(counts.tolist()), self.constants)
 
     def stored(self, dtype: torch.dtype | None) -> Rows:
         """On the CPU, floating-point values cast to `dtype` (if given): what is written."""
         td = self.td.apply(lambda x: x.to("cpu", dtype if dtype is not None and x.is_floating_point() else x.dtype))
-        return Rows(td, self.examples, self.counts)
+        return Rows(td, self.examples, self.counts, self.constants)
 
 
 def _token_count(td: TensorDictBase, mask: torch.Tensor | None, number: int) -> int:

@@ -52,7 +52,6 @@ def stream_to_disk(
     rows_of: Callable[[TensorDictBase, int], Rows],
     *,
     settings: dict,
-    constants: dict | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
     description: str = "collect",
@@ -60,8 +59,7 @@ def stream_to_disk(
     """Write `rows_of(batch, number)` for every batch of `source` into one memory-mapped TensorDict at `path`.
 
     `settings` (JSON) says what is collected: a directory started with other settings is
-    refused (or, with `overwrite=True`, replaced). `constants` are JSON entries shared by every
-    row (stored in tensordict's metadata). Returns the result, read back with `load_memmap`.
+    refused (or, with `overwrite=True`, replaced). Returns the result, read back with `load_memmap`.
     """
     path = Path(path)
     settings = json.loads(json.dumps(settings))  # as it reads back from the file
@@ -76,7 +74,7 @@ def stream_to_disk(
         with _progress_bar(source, ranks, done, progress, description) as bar:
             for number, batch in source.take(lambda n: ranks.owns(n) and n not in done):
                 rows = rows_of(batch, number)
-                layout = Layout.of(rows.td, constants)
+                layout = Layout.of(rows.td, rows.constants)
                 difference = layout.difference(expected) if expected is not None else None
                 if difference:
                     raise TdhookFxError(f"batch {number} gives other rows than the batches before it: {difference}{_HINT}")
