@@ -114,12 +114,12 @@ def _prepare(path: Path, settings: dict, count: int | None, overwrite: bool) -> 
         if found_settings != settings:
             raise TdhookFxError(
                 f"{path} holds a collection with other settings\n  before: {json.dumps(found_settings)[:600]}\n"
-                f"  now:    {json.dumps(settings)[:600]}\n  hint: pass overwrite=True to replace it, or pick another path"
+                f"  now:    {json.dumps(settings)[:600]}\n  hint: pass overwrite=True (--overwrite on the command line) to replace it, or pick another path"
             )
         if count is not None and found_count is not None and found_count != count:
             raise TdhookFxError(
                 f"{path} holds a collection of {found_count} batches; these are {count}\n"
-                "  hint: pass overwrite=True to replace it, or pick another path"
+                "  hint: pass overwrite=True (--overwrite on the command line) to replace it, or pick another path"
             )
         if (path / FINISHED).exists():
             shutil.rmtree(path / COLLECTING, ignore_errors=True)  # left over if the last run stopped just after
