@@ -7,7 +7,8 @@ A part is a directory (`rank-<r>` inside the collection's `.collecting` folder) 
   `{"batch": number, "rows": n, "examples": b, "counts": [...]}` (counts: rows per example when
   tokens are flattened).
 
-A batch is complete once its journal line is. Reopening a part for writing (a resumed run)
+A batch is complete once its journal line is (written by a thread of its own, after the
+batch's rows, while the next batch is computed). Reopening a part for writing (a resumed run)
 cuts every file back to its complete batches: rows of a batch interrupted half-way are
 dropped, and the batch runs again. Nothing is written twice, nothing is lost. The writes are
 plain `write` calls: what a killed process wrote stays in the operating system's cache and
@@ -18,6 +19,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +99,15 @@ def data_file(directory: Path, leaf_index: int) -> Path:
 
 
 class Part:
-    """This rank's part, open for appending complete batches (`Part.open` resumes an existing one)."""
+    """This rank's part, open for appending complete batches (`Part.open` resumes an existing one).
+
+    The writes run on a thread of their own while the next batch is computed (a write call
+    releases the GIL); at most `QUEUED` computed batches wait for it, so memory stays bounded.
+    `close()` waits for the queued batches (they are complete: they are written) and re-raises
+    a failed write.
+    """
+
+    QUEUED = 2
 
     def __init__(self, directory: Path, layout: Layout | None, entries: list[Entry]):
         self.directory = directory
@@ -104,6 +115,9 @@ class Part:
         self.entries = entries
         self._files: list | None = None
         self._journal = None
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
 
     @classmethod
     def open(cls, directory: Path) -> Part:
@@ -121,11 +135,9 @@ class Part:
         """Append one complete batch: its rows (laid out as `layout`), then its journal line."""
         if self._files is None:
             self._start(layout)
-        for file, leaf in zip(self._files, layout.leaves):
-            _write_all(file, _raw_bytes(rows.get(leaf.key)))
-        entry = Entry(batch, rows.batch_size[0], examples, counts)
-        _write_all(self._journal, memoryview(entry.to_line()))
-        self.entries.append(entry)
+        self._raise_failed_write()
+        data = [_raw_bytes(rows.get(leaf.key)) for leaf in layout.leaves]
+        self._queue.put((data, Entry(batch, rows.batch_size[0], examples, counts)))
 
     def _start(self, layout: Layout) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -134,11 +146,37 @@ class Part:
             self.layout = layout
         self._files = [open(data_file(self.directory, i), "ab", buffering=0) for i in range(len(layout.leaves))]
         self._journal = open(self.directory / JOURNAL, "ab", buffering=0)
+        self._queue = queue.Queue(maxsize=self.QUEUED)
+        self._thread = threading.Thread(target=self._writes, name=f"tdhook_fx writer {self.directory.name}", daemon=True)
+        self._thread.start()
+
+    def _writes(self) -> None:
+        """The writer thread: each batch's rows, then its journal line; after a failure, only drains."""
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            data, entry = item
+            try:
+                for file, chunk in zip(self._files, data):
+                    _write_all(file, chunk)
+                _write_all(self._journal, memoryview(entry.to_line()))
+                self.entries.append(entry)
+            except BaseException as error:  # noqa: BLE001 - handed to the caller's thread
+                self._error = error
+
+    def _raise_failed_write(self) -> None:
+        if self._error is not None:
+            raise TdhookFxError(f"writing to {self.directory} failed: {self._error}") from self._error
 
     def close(self) -> None:
+        """Write what is queued, stop the writer, close the files; raise if a write failed."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
         for file in [*(self._files or ()), *([self._journal] if self._journal else [])]:
             file.close()
-        self._files, self._journal = None, None
+        self._files, self._journal, self._thread = None, None, None
+        self._raise_failed_write()
 
 
 def _cut(path: Path, size: int) -> None:
