@@ -266,3 +266,12 @@ def test_progress_bar(tmp_path, capsys):
     assert "collect" in err and "3/3" in err
     tdhook_fx.collect(compiled(), [batch(n) for n in range(3)], tmp_path / "b")  # not a terminal: no bar
     assert capsys.readouterr().err == ""
+
+
+def test_each_rank_takes_every_world_th_batch():
+    from tdhook_fx.data import shard
+    from tdhook_fx.data.ranks import Ranks
+
+    assert list(shard(range(7))) == list(range(7))  # one process: all of them
+    shares = [list(Ranks(rank, 3).share(range(8))) for rank in range(3)]
+    assert shares == [[0, 3, 6], [1, 4, 7], [2, 5]]

@@ -138,6 +138,16 @@ def test_two_ranks_interrupted_one_process_finishes(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_sweep_over_prompts_with_two_ranks(tmp_path):
+    done = run("sweep", tmp_path / "out", "--batches", 5, ranks=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    stored = TensorDict.load_memmap(tmp_path / "out")
+    alone = workers.sweep([workers.prompts(n) for n in range(5)], tmp_path / "alone")
+    assert stored["site"] == alone["site"] == ["layers.0", "layers.1", "layers.2"]
+    torch.testing.assert_close(stored["metric"], alone["metric"])
+
+
+@pytest.mark.slow
 def test_a_steering_vector_trained_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
     """DistributedDataParallel around a module holding the compiled module: gradients averaged over 2 ranks."""
     done = run("train", tmp_path / "trained.pt", "--steps", 3, ranks=2)

@@ -5,6 +5,7 @@ expected result itself and compare it with what a child, a killed child or a gro
 
     python -m tests.data.workers collect PATH [--batches N] [--kill-at K] [--fail-at K --fail-rank R]
                                         [--fetched FILE] [--pause S] [--mask]
+    python -m tests.data.workers sweep PATH [--batches N]    # a patching sweep streamed to PATH
     python -m tests.data.workers memory PATH                  # peak memory after 10, then 100 batches
     python -m tests.data.workers train OUT [--steps S]        # DDP steering; writes the vector
 """
@@ -71,8 +72,9 @@ class Batches(Sequence):
     """Batches 0..count-1, made on demand; optionally logs each fetch, pauses, or dies at one batch."""
 
     def __init__(self, count: int, log: str | None = None, kill_at: int | None = None, pause: float = 0.0,
-                 fail_at: int | None = None):
+                 fail_at: int | None = None, make=batch):
         self.count, self.log, self.kill_at, self.pause, self.fail_at = count, log, kill_at, pause, fail_at
+        self.make = make
 
     def __len__(self):
         return self.count
@@ -88,7 +90,7 @@ class Batches(Sequence):
             with open(self.log, "a") as file:
                 file.write(f"{number}\n")
         time.sleep(self.pause)
-        return batch(number)
+        return self.make(number)
 
 
 def expected(count: int, mask: bool = False) -> TensorDict:
@@ -118,6 +120,28 @@ def run_collect(args) -> None:
     batches = Batches(args.batches, log=log, kill_at=args.kill_at, pause=args.pause, fail_at=fail_at)
     options = {"mask": "attention_mask"} if args.mask else {}
     tdhook_fx.collect(compiled(), batches, args.path, outputs=["label"], **options)
+
+
+def prompts(number: int) -> TensorDict:
+    """Batch `number` of prompts for a sweep: target token ids, and source ids at ("patched", "input_ids")."""
+    td = batch(number)
+    generator = torch.Generator().manual_seed(2000 + number)
+    td["patched", "input_ids"] = torch.randint(0, VOCAB, td["input_ids"].shape, generator=generator)
+    return td
+
+
+def last_token_gap(run) -> torch.Tensor:
+    return run["logits"][:, -1, 0] - run["logits"][:, -1, 1]
+
+
+def sweep(batches, path):
+    s = sample()
+    return tdhook_fx.sweep(s.model, "layers[*]", batches, positions=[0, 3, 5], metric=last_token_gap,
+                           in_keys=s.in_keys, out_keys=s.out_keys, path=path)
+
+
+def run_sweep(args) -> None:
+    sweep(Batches(args.batches, pause=args.pause, make=prompts), args.path)
 
 
 def run_memory(args) -> None:
@@ -188,7 +212,7 @@ def run_train(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["collect", "memory", "train"])
+    parser.add_argument("command", choices=["collect", "sweep", "memory", "train"])
     parser.add_argument("path")
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--kill-at", type=int)
@@ -200,7 +224,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    {"collect": run_collect, "memory": run_memory, "train": run_train}[args.command](args)
+    {"collect": run_collect, "sweep": run_sweep, "memory": run_memory, "train": run_train}[args.command](args)
 
 
 if __name__ == "__main__":
