@@ -11,12 +11,13 @@
    transformer.h[*].mlp`); its time includes joining the result. Rounds alternate the two,
    each into a new directory; the ratio is the median over rounds of baseline time / collect
    time (throughput: above 1 is faster; the target is >= 1.0).
-2. Peak resident memory (ru_maxrss of a fresh process) collecting one block's output for 10,000
+2. Peak resident memory (VmHWM of a fresh process) collecting one block's output for 10,000
    and 100,000 inputs (8 tokens, width 64: 20 and 205 MB written), against the same hand-written
    loop, whose memory map's pages count as resident while it fills them.
 3. Scaling: the throughput workload in 1 process (1 and 2 torch threads) and in 2 processes of
-   1 thread under `torchrun` (gloo), each taking every other batch; the core count is printed.
-   The machine is shared: its load average is printed too.
+   1 thread under `torchrun` (gloo), each taking every other batch, in alternating rounds (each
+   a fresh run; the time of `collect` on rank 0, start-up and compilation excluded); the core
+   count is printed. The machine is shared: its load average is printed too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -37,13 +37,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from tensordict import TensorDict  # noqa: E402
+import numpy as np
+import torch
+from tensordict import TensorDict
 
-import tdhook_fx  # noqa: E402
-from benchmarks.common import Section, log, machine, setup_process  # noqa: E402
-from tdhook_fx import zoo  # noqa: E402
+import tdhook_fx
+from benchmarks.common import Section, log, machine, setup_process
+from tdhook_fx import zoo
 
 PROGRAM = "save transformer.h[*].mlp"
 
@@ -84,10 +84,10 @@ def hand_written(model, layers: list, data, path: Path, examples: int, seq: int,
             handle.remove()
     for array in arrays:
         array.flush()
-    del arrays
+    arrays.clear()
 
 
-def throughput(args, scratch: Path) -> tuple[Section, dict]:
+def throughput(args, scratch: Path) -> Section:
     examples, batch, seq, width = args.examples, 64, 32, 128
     count = examples // batch
     sample, cm = workload(width, seq)
@@ -123,14 +123,14 @@ def throughput(args, scratch: Path) -> tuple[Section, dict]:
                    "throughput vs hand-written (>= 1.0 wanted)": 1.0})
     section.add(**{"method": "tdhook_fx.collect(cm, batches, path)", "seconds": mine, "inputs / s": examples / mine,
                    "throughput vs hand-written (>= 1.0 wanted)": statistics.median(ratios)})
-    return section, {"throughput_ratio": statistics.median(ratios), "collect_seconds": mine}
+    return section
 
 
 def memory(args, scratch: Path) -> Section:
     section = Section(
         "Peak resident memory collecting one block's output (8 tokens, width 64), fresh process each",
         ["inputs", "MB written", "tdhook_fx.collect: peak RSS MB", "hand-written memmap loop: peak RSS MB"],
-        notes=["ru_maxrss; the hand-written loop's memory-mapped pages count as resident while it fills them"],
+        notes=["VmHWM (/proc/self/status); the hand-written loop's memory-mapped pages count as resident while it fills them"],
     )
     for examples in args.memory_sizes:
         log(f"collect: peak memory at {examples} inputs")
@@ -149,6 +149,12 @@ def memory(args, scratch: Path) -> Section:
     return section
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 def memory_child(method: str, examples: int, path: Path) -> None:
     setup_process()
     sample = zoo.gpt2(n_layer=2, n_embd=64, n_head=4, batch=2, seq=8)
@@ -160,35 +166,44 @@ def memory_child(method: str, examples: int, path: Path) -> None:
         tdhook_fx.collect(cm, data, path)
     else:
         hand_written(sample.model, [sample.model.transformer.h[1].mlp], data, path, examples, 8, 64)
-    print(json.dumps({"peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    print(json.dumps({"peak_rss_kib": peak_rss_kib()}))
 
 
-def scaling(args, scratch: Path, one_process_seconds: float) -> Section:
+def scaling(args, scratch: Path) -> Section:
     cores = os.cpu_count()
     section = Section(
         f"The throughput workload in 1 and 2 processes on this machine ({cores} cores, shared)",
         ["processes x torch threads", "seconds", "speed-up vs 1 x 1"],
         notes=[
-            f"load average before: {[round(x, 2) for x in os.getloadavg()]}",
-            "2 processes: torchrun --standalone --nproc-per-node=2 (gloo), each process takes every other batch, "
-            "then each copies its part into the one result; times from the start of collect on rank 0 to its end "
-            "(process start-up and compilation excluded)",
+            f"load average before: {[round(x, 2) for x in os.getloadavg()]}; median of {args.rounds} alternating rounds",
+            (
+                "2 processes: torchrun --standalone --nproc-per-node=2 (gloo), each process takes every other batch, "
+                "then each copies its part into the one result; times: collect on rank 0, from its start to its end "
+                "(process start-up and compilation excluded)"
+            ),
         ],
     )
-    section.add(**{"processes x torch threads": "1 x 1", "seconds": one_process_seconds, "speed-up vs 1 x 1": 1.0})
-    runs = {"1 x 2": [sys.executable, __file__, "--child", "scale", "2", str(args.examples)]}
-    runs["2 x 1"] = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
-                     "--child", "scale", "1", str(args.examples)]
-    for name, command in runs.items():
-        log(f"collect: scaling, {name}")
-        seconds = []
-        for round_ in range(args.rounds):
-            out = subprocess.run([*command, str(scratch / f"scale-{round_}")], capture_output=True, text=True, check=True,
+    child = [__file__, "--child", "scale"]
+    runs = {
+        "1 x 1": [sys.executable, *child, "1", str(args.examples)],
+        "1 x 2": [sys.executable, *child, "2", str(args.examples)],
+        "2 x 1": [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *child, "1", str(args.examples)
+        ],
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    speedups: dict[str, list[float]] = {name: [] for name in runs}
+    for round_ in range(args.rounds):
+        for name, command in runs.items():
+            log(f"collect: scaling round {round_ + 1}/{args.rounds}, {name}")
+            out = subprocess.run([*command, str(scratch / "scale")], capture_output=True, text=True, check=True,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-            seconds.append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["seconds"])
-            shutil.rmtree(scratch / f"scale-{round_}", ignore_errors=True)
-        median = statistics.median(seconds)
-        section.add(**{"processes x torch threads": name, "seconds": median, "speed-up vs 1 x 1": one_process_seconds / median})
+            seconds[name].append(json.loads([line for line in out.splitlines() if line.startswith("{")][-1])["seconds"])
+            speedups[name].append(seconds["1 x 1"][-1] / seconds[name][-1])
+            shutil.rmtree(scratch / "scale", ignore_errors=True)
+    for name in runs:
+        section.add(**{"processes x torch threads": name, "seconds": statistics.median(seconds[name]),
+                       "speed-up vs 1 x 1": statistics.median(speedups[name])})
     return section
 
 
@@ -216,13 +231,12 @@ def main(argv=None) -> int:
         return 0
     setup_process()
     args.examples = 1024 if args.quick else 4096
-    args.rounds = 2 if args.quick else 5
+    args.rounds = 2 if args.quick else 3
     args.memory_sizes = [1000, 10000] if args.quick else [10000, 100000]
     info = machine()
     with tempfile.TemporaryDirectory(prefix="tdhook-fx-collect-") as directory:
         scratch = Path(directory)
-        first, figures = throughput(args, scratch)
-        sections = [first, memory(args, scratch), scaling(args, scratch, figures["collect_seconds"])]
+        sections = [throughput(args, scratch), memory(args, scratch), scaling(args, scratch)]
     print(f"machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, load average {info.get('load_average')}\n")
     print("\n\n".join(section.render() for section in sections))
     return 0

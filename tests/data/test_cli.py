@@ -36,7 +36,7 @@ def test_collect_a_saved_tensordict_and_a_hugging_face_dataset(capsys, tmp_path)
     sample = zoo.mlp()
     examples = TensorDict(input=torch.randn(9, 16), label=torch.arange(9), batch_size=[9])
     examples.memmap(tmp_path / "data")
-    code, out, err = run(capsys, "collect", "mlp", "save 1", tmp_path / "out", "--data", tmp_path / "data", "--outputs", "label")
+    code, _, err = run(capsys, "collect", "mlp", "save 1", tmp_path / "out", "--data", tmp_path / "data", "--outputs", "label")
     assert code == 0, err
     stored = TensorDict.load_memmap(tmp_path / "out")
     cm = tdhook_fx.compile(sample.model, "save 1", example=sample.example)

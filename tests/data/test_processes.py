@@ -33,7 +33,7 @@ def worker(*args: str, ranks: int = 1) -> list[str]:
 
 def run(*args: str, ranks: int = 1, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(worker(*args, ranks=ranks), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(worker(*args, ranks=ranks), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 def fetched(log: Path, rank: int = 0) -> list[int]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
 import sys
 import time
@@ -103,7 +102,7 @@ def expected(count: int, mask: bool = False) -> TensorDict:
             if mask:
                 keep = td["attention_mask"].bool()
                 row = TensorDict(
-                    saved=td["saved"].apply(lambda x: x[keep], batch_size=[int(keep.sum())]),
+                    saved=td["saved"].apply(lambda x, keep=keep: x[keep], batch_size=[int(keep.sum())]),
                     label=td["label"].repeat_interleave(keep.sum(1)),
                     batch_size=[int(keep.sum())],
                 )
@@ -144,6 +143,12 @@ def run_sweep(args) -> None:
     sweep(Batches(args.batches, pause=args.pause, make=prompts), args.path)
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, not inherited from the parent across exec)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
 def run_memory(args) -> None:
     """Collect 10, then 100 wide batches made on the fly; print the peak resident memory after each."""
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256)).eval()
@@ -158,7 +163,7 @@ def run_memory(args) -> None:
     report = {}
     for count in (10, 100):
         stored = tdhook_fx.collect(cm, batches(count), os.path.join(args.path, str(count)))
-        report[count] = {"rows": stored.batch_size[0], "peak_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+        report[count] = {"rows": stored.batch_size[0], "peak_rss_kib": peak_rss_kib()}
     print(json.dumps(report))
 
 
