@@ -44,8 +44,7 @@ class Ranks:
         world = dist.get_world_size()
         if world == 1:
             return cls()
-        group = None if "gloo" in str(dist.get_backend()) else dist.new_group(backend="gloo")
-        return cls(dist.get_rank(), world, group)
+        return cls(dist.get_rank(), world, _gloo_group())
 
     @property
     def distributed(self) -> bool:
@@ -88,6 +87,21 @@ class Ranks:
             if failure is not None:
                 raise TdhookFxError(f"{what} failed on rank {rank} of {self.world}: {failure}")
         return result
+
+
+_GLOO_GROUPS: dict[int, object] = {}  # per default group: made once (making a group is a collective step)
+
+
+def _gloo_group():
+    """None (the default group) when its backend has gloo, else a gloo group of all ranks."""
+    import torch.distributed as dist
+
+    if "gloo" in str(dist.get_backend()):
+        return None
+    world = id(dist.group.WORLD)
+    if world not in _GLOO_GROUPS:
+        _GLOO_GROUPS[world] = dist.new_group(backend="gloo")
+    return _GLOO_GROUPS[world]
 
 
 def shard(batches: Iterable[T]) -> Iterator[T]:
