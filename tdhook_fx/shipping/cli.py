@@ -4,6 +4,7 @@
     tdhook-fx sites MODEL [SELECTOR]               the addressable sites, optionally filtered
     tdhook-fx show MODEL PROGRAM [--full]          resolved sites and the rewritten code
     tdhook-fx run MODEL PROGRAM [--set NAME=VALUE] run on the model's sample input, print stats
+    tdhook-fx collect MODEL PROGRAM OUT [--data DIR] the saved values over a dataset, to OUT (memmap)
     tdhook-fx export MODEL PROGRAM OUT             OUT.pt2: standalone torch.export; else cm.save
     tdhook-fx draw MODEL PROGRAM OUT               OUT.svg / .html / .dot
     tdhook-fx inspect FILE                         what a .pt2 or a saved file holds
@@ -109,6 +110,10 @@ def _parser() -> argparse.ArgumentParser:
     _values_option(run)
     run.set_defaults(command=run_command)
 
+    collect = commands.add_parser("collect", help="run a program over a dataset and write its saved values to OUT (memmap)")
+    _collect_options(collect)
+    collect.set_defaults(command=collect_command)
+
     export = commands.add_parser("export", help="write OUT.pt2 (standalone torch.export) or a safe save file")
     _model_and_program(export)
     export.add_argument("out", metavar="OUT")
@@ -138,6 +143,25 @@ def _values_option(parser) -> None:
         "--set", dest="values", action="append", default=[], metavar="NAME=VALUE",
         help="a runtime value: a number, or randn/zeros/ones (a vector as wide as its site's last dimension)",
     )
+
+
+def _collect_options(parser) -> None:
+    _model_and_program(parser)
+    parser.add_argument("out", metavar="OUT", help="the directory to write (TensorDict.load_memmap(OUT) reads it)")
+    parser.add_argument(
+        "--data", metavar="DIR",
+        help="a TensorDict saved with td.memmap(DIR) or a Hugging Face dataset saved with save_to_disk "
+        "(default: random inputs shaped like the model's sample)",
+    )
+    parser.add_argument("--examples", type=int, default=256, metavar="N", help="how many random inputs without --data (256)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="examples per batch (32)")
+    parser.add_argument("--outputs", nargs="+", default=[], metavar="KEY", help="model outputs or data entries to store too")
+    parser.add_argument("--dtype", help="storage dtype of floating-point values, e.g. bfloat16")
+    parser.add_argument("--mask", metavar="KEY", help="one row per token where this (examples, tokens) entry is nonzero")
+    parser.add_argument("--flatten", action="store_true", help="one row per token (every token)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a collection at OUT made with other settings")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="a progress bar (default: on a terminal)")
+    _values_option(parser)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -199,6 +223,40 @@ def run_command(args) -> int:
     if saved:
         print("saved:")
         _print_stats(saved, width)
+    return 0
+
+
+def collect_command(args) -> int:
+    import tdhook_fx
+    from tdhook_fx.data.examples import load_examples, random_examples
+
+    sample, cm = _compiled(args)
+    cm.bind(**runtime_values(cm, args.values))
+    dtype = None
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CommandLineError(f"--dtype {args.dtype}: not a floating-point torch dtype (e.g. bfloat16, float16)")
+    if args.examples < 1 or args.batch_size < 1:
+        raise CommandLineError("--examples and --batch-size must be at least 1")
+    if args.data is not None:
+        examples, origin = load_examples(Path(args.data)), args.data
+    else:
+        sources = [source for source, _ in cm.patch_inputs]
+        examples, origin = random_examples(sample.example, cm.in_keys, args.examples, sources), "random inputs"
+    stored = tdhook_fx.collect(
+        cm, examples, args.out, outputs=args.outputs, dtype=dtype, mask=args.mask, flatten=args.flatten,
+        batch_size=args.batch_size, progress=args.progress, overwrite=args.overwrite,
+    )
+    rows = stored.batch_size[0]
+    print(f"{args.out}: {rows} row{'s' if rows != 1 else ''} ({args.model} on {origin})")
+    leaves = list(stored.items(include_nested=True, leaves_only=True))
+    width = max((len(".".join(k) if isinstance(k, tuple) else k) for k, v in leaves if hasattr(v, "shape")), default=0)
+    for key, value in leaves:
+        if hasattr(value, "shape"):
+            name = ".".join(key) if isinstance(key, tuple) else key
+            print(f"  {name:<{width}}  {_shape(value[0]) if rows else '-':<12} {_dtype(value)}")
+    print(f"read it with: TensorDict.load_memmap({str(args.out)!r})")
     return 0
 
 
