@@ -126,7 +126,7 @@ def sweep_heatmap(
     values = result.get(key)
     if result.batch_dims == 2:
         grid = _mean_over_rest(values.detach().float(), 2)
-        sites = [result[i, 0]["site"] for i in range(result.batch_size[0])]
+        sites = list(result["site"])
         positions = result["position"][0].tolist()
     elif result.batch_dims == 1:
         total = None
