@@ -193,3 +193,18 @@ def test_top_k_larger_than_the_vocabulary_keeps_every_token(samples):
 
 def test_public_names():
     assert tdhook_fx.logit_lens is logit_lens and tdhook_fx.compile_logit_lens is compile_logit_lens
+
+
+def test_the_readme_example_runs():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Logit lens") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    names = {}
+    exec(code, names)  # noqa: S102 - the README's own example
+    assert names["lens"]["logits"].shape == (5, 2, 8, 128)
+    assert names["lens"]["site"][:2] == ["transformer.h.0:in.hidden_states", "transformer.h.0"]
+    assert names["top"]["tokens"].shape == (5, 2, 8, 3)
+    assert not torch.allclose(names["steered"]["logits"][-1], names["lens"]["logits"][-1])
