@@ -38,7 +38,7 @@ from tdhook_fx.syntax.parse import parse
 FAMILIES = {
     "gpt2": ("transformer.h", "transformer.ln_f"),
     "gpt_neox": ("gpt_neox.layers", "gpt_neox.final_layer_norm"),
-    "llama": ("model.layers", "model.norm"),  # also Mistral, Qwen2, Gemma, Phi-3, OLMo ...
+    "llama": ("model.layers", "model.norm"),  # the layout Mistral and Qwen2 share
 }
 LOGITS = "lens.logits"
 PROBS = "lens.probs"

@@ -158,7 +158,7 @@ def _call_function(spec: str):
         raise CommandLineError(f"{module_name!r} has no function {function_name!r}")
     try:
         return function()
-    except Exception as error:  # the user's code failed: show where, as a user error
+    except Exception as error:  # noqa: BLE001 - the user's code failed: show where, as a user error
         where = traceback.extract_tb(error.__traceback__)[-1]
         raise CommandLineError(
             f"the model function {spec} failed: {type(error).__name__}: {error}\n  at {where.filename}:{where.lineno}"
@@ -210,7 +210,7 @@ def _first_output(model: nn.Module, example: TensorDict, in_keys: list[str], whe
     with torch.no_grad():
         try:
             output = model(*args, **kwargs)
-        except Exception as error:  # the user's model on the user's example: a user error
+        except Exception as error:  # noqa: BLE001 - the user's model on the user's example: a user error
             raise CommandLineError(
                 f"{escaped(where)}: the model failed on the example inputs {in_keys}: {type(error).__name__}: "
                 f"{escaped(str(error))[:500]}\n  hint: check the --input names (forward's argument names), dtypes and shapes"
@@ -286,7 +286,7 @@ def _config_and_class(data: dict, where: str):
     settings = {k: v for k, v in data.items() if k not in ("model_type", "architectures", "transformers_version")}
     try:
         config = AutoConfig.for_model(model_type, **settings)
-    except Exception as error:  # the file's values: a user error
+    except Exception as error:  # noqa: BLE001 - the file's values: a user error
         raise CommandLineError(f"{where}: not a valid {model_type} config: {type(error).__name__}: {escaped(str(error))[:300]}") from None
     architectures = data.get("architectures") or []
     name = architectures[0] if isinstance(architectures, list) and architectures else None
@@ -306,7 +306,7 @@ def _build(model_class, config, where: str) -> nn.Module:
         if hasattr(model_class, "from_config"):  # an Auto class
             return model_class.from_config(config)
         return model_class._from_config(config)
-    except Exception as error:  # the file's values do not make a model: a user error
+    except Exception as error:  # noqa: BLE001 - the file's values do not make a model: a user error
         raise CommandLineError(
             f"{where}: cannot build a {getattr(model_class, '__name__', model_class)} from this config: "
             f"{type(error).__name__}: {escaped(str(error))[:300]}"

@@ -97,7 +97,7 @@ def test_top_k_tokens_and_probabilities(family, built):
     _, layers, norm, unembed = FAMILIES[family]
     lens = logit_lens(sample.model, sample.example, top_k=4)
     want, _ = hooked_lens(sample.model, sample.example["input_ids"], layers(sample.model), norm(sample.model), unembed(sample.model))
-    probabilities, tokens = torch.topk(want.softmax(-1), 4)
+    probabilities, _ = torch.topk(want.softmax(-1), 4)
     assert set(lens.keys()) == {"tokens", "probs", "site"}
     assert lens["tokens"].dtype == torch.int64 and lens["tokens"].shape == (*lens.batch_size, 4)
     torch.testing.assert_close(lens["probs"], probabilities, rtol=1e-5, atol=1e-6)
@@ -201,7 +201,7 @@ def test_the_readme_example_runs():
 
     readme = (Path(__file__).parents[2] / "README.md").read_text()
     section = readme[readme.index("## Logit lens") :]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.DOTALL).group(1)
     names = {}
     exec(code, names)  # noqa: S102 - the README's own example
     assert names["lens"]["logits"].shape == (5, 2, 8, 128)

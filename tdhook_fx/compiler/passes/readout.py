@@ -31,7 +31,10 @@ def readout_region(start: fx.Node, end: fx.Node) -> list[fx.Node]:
             downstream.add(node)
             stack.extend(node.users)
     if end not in downstream:
-        raise TdhookFxError("the readout's end is not computed from its start: the region between them is empty")
+        raise TdhookFxError(
+            f"the readout ends at {end.name}, which is not computed from {start.meta.get('tdhook_fx_site', start.name)}, "
+            "where it starts: there is nothing to copy\n  hint: start at the input of the module that leads to the output"
+        )
     needed = ancestors([end]) & downstream
     return [node for node in start.graph.nodes if node in needed]
 
