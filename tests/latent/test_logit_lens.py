@@ -208,3 +208,13 @@ def test_the_readme_example_runs():
     assert names["lens"]["site"][:2] == ["transformer.h.0:in.hidden_states", "transformer.h.0"]
     assert names["top"]["tokens"].shape == (5, 2, 8, 3)
     assert not torch.allclose(names["steered"]["logits"][-1], names["lens"]["logits"][-1])
+
+
+def test_the_lens_exports_to_a_standalone_pt2(built, tmp_path):
+    sample = built("gpt2")
+    lens = compile_logit_lens(sample.model, sample.example, top_k=3)
+    lens.module.export(tmp_path / "lens.pt2")
+    out = torch.export.load(tmp_path / "lens.pt2").module()(sample.example["input_ids"])
+    want = lens(sample.example)
+    assert torch.equal(out["saved"]["lens.tokens"], want["tokens"])
+    torch.testing.assert_close(out["saved"]["lens.probs"], want["probs"])
