@@ -218,3 +218,10 @@ def test_the_lens_exports_to_a_standalone_pt2(built, tmp_path):
     want = lens(sample.example)
     assert torch.equal(out["saved"]["lens.tokens"], want["tokens"])
     torch.testing.assert_close(out["saved"]["lens.probs"], want["probs"])
+
+
+def test_a_lens_is_not_saved_as_a_program_that_would_load_without_its_readouts(built, tmp_path):
+    sample = built("gpt2")
+    lens = compile_logit_lens(sample.model, sample.example)
+    with pytest.raises(tdhook_fx.ExportError, match="export it instead"):
+        lens.module.save(tmp_path / "lens.safetensors")
