@@ -79,6 +79,8 @@ ports = st.one_of(
     st.builds(ast.Port, st.sampled_from(["out", "in"]), st.none()),
     st.builds(ast.Port, st.just("out"), st.integers(0, 3)),
     st.builds(ast.Port, st.just("in"), st.one_of(st.integers(0, 3), identifiers)),
+    # values inside a module's forward: `:add_0`, `:pattern`, and names only `<...>` can write
+    st.builds(ast.Port, st.just("op"), st.one_of(identifiers, module_names)),
 )
 
 
