@@ -27,6 +27,7 @@ from tdhook_fx.syntax.parse import LARGEST_INT, parse_site, source_text, too_dee
 from tdhook_fx.syntax.regex import compile_pattern
 
 DEFAULT_PATCH_SOURCE = "patched"
+_LISTED = 12  # internal sites listed in an error before "..."
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
 
 
@@ -424,8 +425,10 @@ class _Resolver:
                 f"use {' or '.join(f'@{c}' for c in range(min(calls, 3)))}",
             )
         kind = site.port.kind if site.port else "out"
-        candidates = self.sites.activations(module, call, kind)
         label = module + (f"@{call}" if call else "")
+        if kind == "op":
+            return [self._internal(module, call, label, site.port)]
+        candidates = self.sites.activations(module, call, kind)
         if site.port is not None and site.port.item is not None:
             item = site.port.item
             if kind == "in" and isinstance(item, int):
@@ -451,6 +454,23 @@ class _Resolver:
             f"{label} has {len(candidates)} tensor {what}; say which one",
             f"pick one of: {', '.join(_port_names(candidates))}" if candidates else f"{label} has no tensor {what}",
         )
+
+    def _internal(self, module: str, call: int, label: str, port: ast.Port) -> SiteInfo:
+        """A value inside the module's forward (`attn:pattern`, `h.0:add_1`)."""
+        name = f"{label}:{port.item}"
+        if name in self.sites.internal:
+            return self.sites.internal[name]
+        inside = [s.item for s in self.sites.inside(module, call)]
+        close = difflib.get_close_matches(port.item, inside, n=3, cutoff=0.5)
+        hints = [f"did you mean {' or '.join(f':{c}' for c in close)}?" if close else ""]
+        if port.item in ("output", "input", "outputs", "inputs"):
+            hints.append("a module's output is :out (:out.N), its inputs :in.N or :in.NAME")
+        if inside:
+            shown = ", ".join(f":{n}" for n in inside[:_LISTED]) + (", ..." if len(inside) > _LISTED else "")
+            hints.append(f"values inside {label}: {shown} (all of them: tdx.sites(...).inside({module!r}))")
+        else:
+            hints.append(f"{label} computes nothing of its own (its children do): name a value inside one of them")
+        raise _Problem(port.span, f"{label} computes no value named '{port.item}'", *hints)
 
     def _regex_modules(self, path: ast.RegexPath) -> list[_Match]:
         pattern = _pattern(path)
