@@ -22,7 +22,9 @@ Semantics shared with the compiler (the contract both implement):
   left alone): `add_N` ... the N-th call of an arithmetic function (`add`, `sub`, `mul`, `div`,
   `matmul`, `neg`, `softmax`, `relu`, `gelu`, `tanh`: `x + y` counts as `add`), and, on a model
   with eager attention, `q`/`k` (the first `matmul`'s operands, `k` untransposed), `scores` and
-  `pattern` (the softmax's input and output) and `v` (the second `matmul`'s right operand);
+  `pattern` (the softmax's input and output) and `v` (the second `matmul`'s right operand); a
+  fused `scaled_dot_product_attention` call whose sites a program touches is done step by step
+  here (q @ k^T * scale, masks as eager attention's, softmax, dropout, @ v);
 - `save grad` records the gradient that reaches the site's value, `set grad` replaces it, each
   with `Tensor.register_hook` on that value (a fresh alias per site, so a module input's hook
   sees only the module's own uses); hooks on one value run in program order.
@@ -35,6 +37,7 @@ import re
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from tensordict import TensorDictBase
 from torch import nn
@@ -400,6 +403,7 @@ class _Recorder:
         return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right, "/": lambda: left / right}[expr.op]()
 
 
+_ATTENTION = ("q", "k", "v", "scores", "pattern")
 # Torch functions by the name their operation has in a captured graph (`x + y` is `add`).
 _OPERATIONS = {
     "add": "add", "__add__": "add", "__radd__": "add",
@@ -426,8 +430,11 @@ class _Inside(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        own = bool(self.recorder.running) and self.recorder.running[-1] is self.module
+        if own and func is F.scaled_dot_product_attention and any(i in _ATTENTION for _, i, _ in self.statements):
+            return self._attention(*args, **kwargs)
         operation = _OPERATIONS.get(getattr(func, "__name__", ""))
-        if operation is None or not self.recorder.running or self.recorder.running[-1] is not self.module:
+        if operation is None or not own:
             return func(*args, **kwargs)
         number = self.counts[operation]
         self.counts[operation] += 1
@@ -443,6 +450,24 @@ class _Inside(TorchFunctionMode):
         if operation == "softmax":
             result = self._apply("pattern", result)
         return self._apply(f"{operation}_{number}", result)
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        """A fused attention call done step by step, as eager attention does it (see the module docstring)."""
+        if enable_gqa:
+            key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
+            value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
+        q, k, v = self._apply("q", query), self._apply("k", key), self._apply("v", value)
+        scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.size(-1) ** -0.5)
+        lowest = torch.finfo(scores.dtype).min
+        if is_causal:
+            scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), lowest)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, lowest)
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        scores = self._apply("scores", scores)
+        pattern = self._apply("pattern", F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return F.dropout(pattern, dropout_p) @ v if dropout_p else pattern @ v
 
     def _wants(self, name: str) -> bool:
         return any(item == name for _, item, _ in self.statements)
