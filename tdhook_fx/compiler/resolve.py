@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tdhook_fx.compiler import aliases
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values
 from tdhook_fx.compiler.rules import rule_problem_at
@@ -389,6 +390,14 @@ class _Resolver:
     # ---- sites --------------------------------------------------------------------------------
 
     def _activation_sites(self, site: ast.Site, many_ok: bool) -> list[tuple[SiteInfo, ast.Index | None]]:
+        translated = self._transformer_lens(site)
+        if translated is not None:
+            text, own = translated
+            try:
+                return self._activation_sites(own, many_ok)
+            except _Problem as problem:
+                message = f"{site.path} (a TransformerLens name) stands for {text}: {problem.diagnostic.message}"
+                raise _Problem(site.span, message, *problem.diagnostic.hints) from None
         if isinstance(site.path, ast.RegexPath):
             matches = self._regex_modules(site.path)
         else:
@@ -414,6 +423,22 @@ class _Resolver:
         if not results:
             raise _Problem(site.span, f"'{site.path}' matches no module that the model calls")
         return results
+
+    def _transformer_lens(self, site: ast.Site) -> tuple[str, ast.Site] | None:
+        """A TransformerLens name (`blocks.0.hook_resid_post`) as this model's own site, where no
+        module of the model has the name; raises with the closest names for one it does not know."""
+        path = site.path
+        if not isinstance(path, ast.Path) or not aliases.is_tl_style(path) or path.segments[0].name in self.modules:
+            return None
+        text = aliases.translate(path, self.sites.model)
+        if text is None:
+            close = aliases.suggestions(path, self.sites.model)
+            if not close:
+                return None
+            raise _Problem(path.span, f"unknown TransformerLens name '{path}'", f"did you mean {' or '.join(close)}?")
+        own = parse_site(text)
+        call = site.call if site.call is not None else own.call
+        return text, ast.Site(own.path, call, site.port or own.port, site.index, span=site.span)
 
     def _ports(self, module: str, site: ast.Site, many_ok: bool) -> list[SiteInfo]:
         call = site.call or 0

@@ -62,12 +62,16 @@ class SiteTable:
             self.by_module.setdefault(site.module, []).append(site)
 
     @property
-    def modules(self) -> dict[str, nn.Module]:
-        """Every named module of the model (called or not), "" for the root."""
+    def model(self) -> nn.Module:
         model = self._model()
         if model is None:
             raise TdhookFxError("the model these sites belong to no longer exists")
-        return dict(model.named_modules())
+        return model
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        """Every named module of the model (called or not), "" for the root."""
+        return dict(self.model.named_modules())
 
     def __iter__(self):
         return iter(self.sites.values())
