@@ -6,6 +6,7 @@ must equal eager attention, not only the reference's own step-by-step version.
 """
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,3 +182,20 @@ def test_the_site_of_a_second_call_is_its_own(samples):
     sample = samples("tiny_transformer")
     table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
     assert table.inside("blocks.0.act", 1) and all(s.name.startswith("blocks.0.act@1:") for s in table.inside("blocks.0.act", 1))
+
+
+def test_the_readme_attention_example_runs(capsys):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    example = readme.split("Save every layer's pattern and ablate one head:\n\n```python\n")[1].split("```")[0]
+    exec(compile(example, "README.md", "exec"), {})  # noqa: S102 - our own README
+    printed = capsys.readouterr().out.splitlines()
+    assert "transformer.h.0.attn:pattern (attention pattern, 2x2x6x6, float32)" in printed
+    assert printed[-3:] == ["torch.Size([2, 2, 6, 6])", "tensor(0., grad_fn=<MaxBackward1>)", "1"]
+
+
+def test_the_command_line_lists_internal_sites(capsys):
+    from tdhook_fx.shipping.cli import main
+
+    assert main(["sites", "gpt2", "transformer.h[0].attn", "--inside"]) == 0
+    out = capsys.readouterr().out
+    assert "transformer.h.0.attn:pattern (attention pattern" in out and "transformer.h.0.attn:q (" in out
