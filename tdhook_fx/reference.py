@@ -17,6 +17,14 @@ Semantics shared with the compiler (the contract both implement):
 - `prune` masks a parameter only inside its owning module's forward; `set`/`steer` on a parameter
   edit it there too (in program order with the masks), never the model's own weight;
 - `stop` ends the forward right after the site; then only saved values are returned;
+- a site inside a module (`M:NAME`, kind "op") is reached by intercepting the torch functions
+  the module's own code calls (`torch.overrides.TorchFunctionMode`, calls inside child modules
+  left alone): `add_N` ... the N-th call of an arithmetic function (`add`, `sub`, `mul`, `div`,
+  `matmul`, `neg`, `softmax`, `relu`, `gelu`, `tanh`: `x + y` counts as `add`), and, on a model
+  with eager attention, `q`/`k` (the first `matmul`'s operands, `k` untransposed), `scores` and
+  `pattern` (the softmax's input and output) and `v` (the second `matmul`'s right operand); a
+  fused `scaled_dot_product_attention` call whose sites a program touches is done step by step
+  here (q @ k^T * scale, masks as eager attention's, softmax, dropout, @ v);
 - `save grad` records the gradient that reaches the site's value, `set grad` replaces it, each
   with `Tensor.register_hook` on that value (a fresh alias per site, so a module input's hook
   sees only the module's own uses); hooks on one value run in program order.
@@ -29,9 +37,11 @@ import re
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from tensordict import TensorDictBase
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from tdhook_fx.compiler.capture.call_plan import key_name, plan_call
 from tdhook_fx.compiler.resolve import DEFAULT_PATCH_SOURCE
@@ -209,6 +219,11 @@ class _Recorder:
     def forward(self, plan, inputs):
         handles = []
         wanted = {module for module, _, _ in self.hooks}
+        self.running: list[nn.Module] = []  # the module calls in progress, innermost last
+        self.inside: list[_Inside] = []  # the internal-site interceptors entered, innermost last
+        if any(kind == "op" for _, _, kind in self.hooks):
+            handles.append(nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.running.append(m)))
+            handles.append(nn.modules.module.register_module_forward_hook(lambda m, a, o: self.running.pop() and None))
         for name in wanted:
             module = self.hooked.modules[name]
             handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
@@ -222,11 +237,17 @@ class _Recorder:
         finally:
             for handle in handles:
                 handle.remove()
+            while self.inside:  # a stop inside a module leaves its interceptor entered
+                self.inside.pop().__exit__(None, None, None)
 
     def _pre(self, name):
         def hook(module, args, kwargs):
             call = self.calls[name]
             self.calls[name] += 1
+            inside = self.hooks.get((name, call, "op"), [])
+            if inside:
+                label = name + (f"@{call}" if call else "")
+                self.inside.append(_Inside(self, module, label, inside).__enter__())
             statements = self.hooks.get((name, call, "in"), [])
             if not statements:
                 return None
@@ -253,6 +274,8 @@ class _Recorder:
     def _post(self, name):
         def hook(module, args, kwargs, output):
             call = self.calls[name] - 1
+            if self.hooks.get((name, call, "op")):
+                self.inside.pop().__exit__(None, None, None)
             statements = self.hooks.get((name, call, "out"), [])
             label = name + (f"@{call}" if call else "")
             for statement, item, index in statements:
@@ -378,6 +401,82 @@ class _Recorder:
             return -self._eval(expr.operand, region)
         left, right = self._eval(expr.left, region), self._eval(expr.right, region)
         return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right, "/": lambda: left / right}[expr.op]()
+
+
+_ATTENTION = ("q", "k", "v", "scores", "pattern")
+# Torch functions by the name their operation has in a captured graph (`x + y` is `add`).
+_OPERATIONS = {
+    "add": "add", "__add__": "add", "__radd__": "add",
+    "sub": "sub", "__sub__": "sub", "__rsub__": "sub",
+    "mul": "mul", "__mul__": "mul", "__rmul__": "mul",
+    "div": "div", "__truediv__": "div", "__rtruediv__": "div",
+    "matmul": "matmul", "__matmul__": "matmul",
+    "neg": "neg", "__neg__": "neg",
+    "softmax": "softmax", "relu": "relu", "gelu": "gelu", "tanh": "tanh",
+}
+
+
+class _Inside(TorchFunctionMode):
+    """Applies the statements at sites inside one module call to the torch functions its own
+    code calls (see the module docstring for the names)."""
+
+    def __init__(self, recorder: _Recorder, module: nn.Module, label: str, statements: list):
+        super().__init__()
+        self.recorder = recorder
+        self.module = module
+        self.label = label
+        self.statements = statements
+        self.counts: dict[str, int] = defaultdict(int)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        own = bool(self.recorder.running) and self.recorder.running[-1] is self.module
+        if own and func is F.scaled_dot_product_attention and any(i in _ATTENTION for _, i, _ in self.statements):
+            return self._attention(*args, **kwargs)
+        operation = _OPERATIONS.get(getattr(func, "__name__", ""))
+        if operation is None or not own:
+            return func(*args, **kwargs)
+        number = self.counts[operation]
+        self.counts[operation] += 1
+        args = list(args)
+        if operation == "matmul" and number == 0:
+            args[0] = self._apply("q", args[0])
+            args[1] = self._apply("k", args[1].transpose(-1, -2)).transpose(-1, -2) if self._wants("k") else args[1]
+        elif operation == "matmul" and number == 1:
+            args[1] = self._apply("v", args[1])
+        elif operation == "softmax":
+            args[0] = self._apply("scores", args[0])
+        result = func(*args, **kwargs)
+        if operation == "softmax":
+            result = self._apply("pattern", result)
+        return self._apply(f"{operation}_{number}", result)
+
+    def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        """A fused attention call done step by step, as eager attention does it (see the module docstring)."""
+        if enable_gqa:
+            key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
+            value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
+        q, k, v = self._apply("q", query), self._apply("k", key), self._apply("v", value)
+        scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.size(-1) ** -0.5)
+        lowest = torch.finfo(scores.dtype).min
+        if is_causal:
+            scores = scores.masked_fill(~torch.ones(scores.shape[-2:], dtype=torch.bool).tril(), lowest)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, lowest)
+        elif attn_mask is not None:
+            scores = scores + attn_mask
+        scores = self._apply("scores", scores)
+        pattern = self._apply("pattern", F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return F.dropout(pattern, dropout_p) @ v if dropout_p else pattern @ v
+
+    def _wants(self, name: str) -> bool:
+        return any(item == name for _, item, _ in self.statements)
+
+    def _apply(self, name: str, value):
+        for statement, item, index in self.statements:
+            if item == name:
+                value = self.recorder.apply(statement, value, index, f"{self.label}:{name}")
+        return value
 
 
 def _copies(*arguments) -> tuple:

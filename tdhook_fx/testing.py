@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +80,8 @@ ports = st.one_of(
     st.builds(ast.Port, st.sampled_from(["out", "in"]), st.none()),
     st.builds(ast.Port, st.just("out"), st.integers(0, 3)),
     st.builds(ast.Port, st.just("in"), st.one_of(st.integers(0, 3), identifiers)),
+    # values inside a module's forward: `:add_0`, `:pattern`, and names only `<...>` can write
+    st.builds(ast.Port, st.just("op"), st.one_of(identifiers, module_names)),
 )
 
 
@@ -208,17 +211,28 @@ def _region(shape, index_text: str):
 
 @st.composite
 def programs_for(
-    draw, sites, max_statements: int = 5, allow_patch: bool = True, seed_values: int = 0, grads: bool = False
+    draw,
+    sites,
+    max_statements: int = 5,
+    allow_patch: bool = True,
+    seed_values: int = 0,
+    grads: bool = False,
+    internal: bool = True,
 ) -> DrawnProgram:
     """A valid program over `sites` (a `tdhook_fx.sites(...)` table), with its runtime values.
 
     Draws save / set / steer / patch / prune statements and at most one final stop, each over
     a real site with indices and values that fit its shape, and `set`/`steer` on parameters
     (weight edits); with `grads`, also `save grad` and `set grad` statements (check those with
-    `assert_equivalent(..., backward=...)`).
+    `assert_equivalent(..., backward=...)`). With `internal`, about a third of the sites lie
+    inside modules: attention sites (`attn:pattern`) and the arithmetic operations the
+    reference reaches (`h.0:add_1`).
     """
-    activations = sorted((s for s in sites if s.is_activation and s.eager), key=lambda s: s.order)
-    floats = [s for s in activations if s.dtype.is_floating_point and s.shape]
+    boundary = sorted((s for s in sites if s.is_activation and s.eager), key=lambda s: s.order)
+    inside = _reference_inside(sites) if internal else []
+    activations = sorted(boundary + inside, key=lambda s: s.order)
+    floats = [s for s in boundary if s.dtype.is_floating_point and s.shape]
+    inside_floats = [s for s in inside if s.dtype.is_floating_point and s.shape]
     parameters = [s for s in sites if s.kind == "param" and s.dtype.is_floating_point and s.shape]
     generator = torch.Generator().manual_seed(draw(st.integers(0, 2**16)) + seed_values)
     lines: list[str] = []
@@ -246,7 +260,11 @@ def programs_for(
                 amount = str(min(int(amount), site.shape[int(along.split()[-1])]))
             lines.append(f"prune {site.name} {amount}{criterion}{along}")
             continue
-        site = draw(st.sampled_from(floats if kind != "save" else activations))
+        within = inside_floats if kind != "save" else inside
+        if within and draw(st.integers(0, 2)) == 0:  # a third of the sites lie inside modules
+            site = draw(st.sampled_from(within))
+        else:
+            site = draw(st.sampled_from(floats if kind != "save" else boundary))
         index = _index_for(draw, site.shape)
         region = _region(site.shape, index)
         if kind == "save":
@@ -274,6 +292,22 @@ def programs_for(
         if last is not None:
             lines.append(f"stop {last.name}")
     return DrawnProgram("\n".join(lines), values, patches)
+
+
+# The sites inside modules that `tdhook_fx.reference` reaches (see its docstring).
+_REFERENCE_INSIDE = re.compile(r"(q|k|v|scores|pattern|(add|sub|mul|div|matmul|neg|softmax|relu|gelu|tanh)_\d+)")
+
+
+def _reference_inside(sites) -> list:
+    """The internal sites whose names the reference counts as the capture does: attention sites,
+    and arithmetic operations in module calls that compute only floating-point values (integer
+    code, such as a mask built under `vmap`, can run operations the reference does not see)."""
+    internal = list(getattr(sites, "internal", {}).values())
+    mixed = {(s.module, s.call) for s in internal if not s.dtype.is_floating_point}
+    return [
+        s for s in internal
+        if _REFERENCE_INSIDE.fullmatch(s.item) and (s.attention is not None or (s.module, s.call) not in mixed)
+    ]
 
 
 def _mentions(line: str, name: str) -> bool:
@@ -392,7 +426,7 @@ def assert_equivalent(
     assert set(flat) == set(want), f"compiled returns {sorted(map(str, flat))}, reference {sorted(map(str, want))}"
     for key, expected in want.items():
         torch.testing.assert_close(
-            flat[key], expected, rtol=rtol, atol=atol, msg=lambda m, key=key: f"{key}: {m}\nprogram:\n{program}"
+            flat[key], expected, rtol=rtol, atol=atol, equal_nan=True, msg=lambda m, key=key: f"{key}: {m}\nprogram:\n{program}"
         )
     return compiled
 

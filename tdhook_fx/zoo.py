@@ -35,16 +35,35 @@ def mlp(width: int = 16, depth: int = 3, batch: int = 4, seed: int = 0) -> Sampl
     return Sample(model, TensorDict(input=torch.randn(batch, width), batch_size=[batch]))
 
 
-def gpt2(n_layer: int = 4, n_embd: int = 64, n_head: int = 4, batch: int = 2, seq: int = 8, seed: int = 0) -> Sample:
-    """A GPT-2-style causal language model (Hugging Face `GPT2LMHeadModel`, random weights)."""
+def gpt2(
+    n_layer: int = 4, n_embd: int = 64, n_head: int = 4, batch: int = 2, seq: int = 8, seed: int = 0, attention: str = "sdpa"
+) -> Sample:
+    """A GPT-2-style causal language model (Hugging Face `GPT2LMHeadModel`, random weights).
+
+    `attention`: Hugging Face's attention implementation, "sdpa" (fused) or "eager"."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
     config = GPT2Config(
         n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=128, n_positions=128,
-        bos_token_id=0, eos_token_id=0,
+        bos_token_id=0, eos_token_id=0, attn_implementation=attention,
     )
     model = GPT2LMHeadModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, seq))
+    return Sample(model, TensorDict(input_ids=ids, batch_size=[batch]), ["input_ids"], ["logits"])
+
+
+def gpt_neox(n_layer: int = 2, hidden: int = 32, heads: int = 4, batch: int = 2, seq: int = 7, seed: int = 5, attention: str = "sdpa") -> Sample:
+    """A GPT-NeoX (Pythia-style) causal language model, random weights; `attention` as for `gpt2`."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(seed)
+    config = GPTNeoXConfig(
+        vocab_size=100, hidden_size=hidden, num_hidden_layers=n_layer, num_attention_heads=heads,
+        intermediate_size=4 * hidden, max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+        attn_implementation=attention,
+    )
+    model = GPTNeoXForCausalLM(config).eval()
     ids = torch.randint(0, config.vocab_size, (batch, seq))
     return Sample(model, TensorDict(input_ids=ids, batch_size=[batch]), ["input_ids"], ["logits"])
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tdhook_fx.compiler import aliases
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values
 from tdhook_fx.compiler.rules import rule_problem_at
@@ -27,6 +28,7 @@ from tdhook_fx.syntax.parse import LARGEST_INT, parse_site, source_text, too_dee
 from tdhook_fx.syntax.regex import compile_pattern
 
 DEFAULT_PATCH_SOURCE = "patched"
+_LISTED = 12  # internal sites listed in an error before "..."
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
 
 
@@ -388,6 +390,14 @@ class _Resolver:
     # ---- sites --------------------------------------------------------------------------------
 
     def _activation_sites(self, site: ast.Site, many_ok: bool) -> list[tuple[SiteInfo, ast.Index | None]]:
+        translated = self._transformer_lens(site)
+        if translated is not None:
+            text, own = translated
+            try:
+                return self._activation_sites(own, many_ok)
+            except _Problem as problem:
+                message = f"{site.path} (a TransformerLens name) stands for {text}: {problem.diagnostic.message}"
+                raise _Problem(site.span, message, *problem.diagnostic.hints) from None
         if isinstance(site.path, ast.RegexPath):
             matches = self._regex_modules(site.path)
         else:
@@ -414,6 +424,22 @@ class _Resolver:
             raise _Problem(site.span, f"'{site.path}' matches no module that the model calls")
         return results
 
+    def _transformer_lens(self, site: ast.Site) -> tuple[str, ast.Site] | None:
+        """A TransformerLens name (`blocks.0.hook_resid_post`) as this model's own site, where no
+        module of the model has the name; raises with the closest names for one it does not know."""
+        path = site.path
+        if not isinstance(path, ast.Path) or not aliases.is_tl_style(path) or path.segments[0].name in self.modules:
+            return None
+        text = aliases.translate(path, self.sites.model)
+        if text is None:
+            close = aliases.suggestions(path, self.sites.model)
+            if not close:
+                return None
+            raise _Problem(path.span, f"unknown TransformerLens name '{path}'", f"did you mean {' or '.join(close)}?")
+        own = parse_site(text)
+        call = site.call if site.call is not None else own.call
+        return text, ast.Site(own.path, call, site.port or own.port, site.index, span=site.span)
+
     def _ports(self, module: str, site: ast.Site, many_ok: bool) -> list[SiteInfo]:
         call = site.call or 0
         calls = self.sites.calls(module)
@@ -424,8 +450,10 @@ class _Resolver:
                 f"use {' or '.join(f'@{c}' for c in range(min(calls, 3)))}",
             )
         kind = site.port.kind if site.port else "out"
-        candidates = self.sites.activations(module, call, kind)
         label = module + (f"@{call}" if call else "")
+        if kind == "op":
+            return [self._internal(module, call, label, site.port)]
+        candidates = self.sites.activations(module, call, kind)
         if site.port is not None and site.port.item is not None:
             item = site.port.item
             if kind == "in" and isinstance(item, int):
@@ -451,6 +479,23 @@ class _Resolver:
             f"{label} has {len(candidates)} tensor {what}; say which one",
             f"pick one of: {', '.join(_port_names(candidates))}" if candidates else f"{label} has no tensor {what}",
         )
+
+    def _internal(self, module: str, call: int, label: str, port: ast.Port) -> SiteInfo:
+        """A value inside the module's forward (`attn:pattern`, `h.0:add_1`)."""
+        name = f"{label}:{port.item}"
+        if name in self.sites.internal:
+            return self.sites.internal[name]
+        inside = [s.item for s in self.sites.inside(module, call)]
+        close = difflib.get_close_matches(port.item, inside, n=3, cutoff=0.5)
+        hints = [f"did you mean {' or '.join(f':{c}' for c in close)}?" if close else ""]
+        if port.item in ("output", "input", "outputs", "inputs"):
+            hints.append("a module's output is :out (:out.N), its inputs :in.N or :in.NAME")
+        if inside:
+            shown = ", ".join(f":{n}" for n in inside[:_LISTED]) + (", ..." if len(inside) > _LISTED else "")
+            hints.append(f"values inside {label}: {shown} (all of them: tdx.sites(...).inside({module!r}))")
+        else:
+            hints.append(f"{label} computes nothing of its own (its children do): name a value inside one of them")
+        raise _Problem(port.span, f"{label} computes no value named '{port.item}'", *hints)
 
     def _regex_modules(self, path: ast.RegexPath) -> list[_Match]:
         pattern = _pattern(path)

@@ -103,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
     sites.add_argument("model", metavar="MODEL")
     sites.add_argument("selector", metavar="SELECTOR", nargs="?", help="a DSL site, e.g. 'transformer.h[0]'")
     _example_options(sites)
+    sites.add_argument("--inside", action="store_true", help="list the values computed inside the modules (h.0:add_0, attn:pattern)")
     sites.set_defaults(command=sites_command)
 
     show = commands.add_parser("show", help="show the resolved sites and the rewritten code")
@@ -210,6 +211,9 @@ def sites_command(args) -> int:
     sample = load_model(args.model, args.inputs, args.out_keys)
     table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
     chosen = list(table) if args.selector is None else select_sites(table, args.selector)
+    if args.inside:
+        modules = dict.fromkeys(s.module for s in chosen if s.kind != "param")
+        chosen = [s for module in modules for s in table.inside(module)]
     header = f"{len(chosen)} site{'s' if len(chosen) != 1 else ''}"
     print(header + (f" matching {args.selector}" if args.selector else f" of {args.model}"))
     for site in chosen:

@@ -146,9 +146,10 @@ class RegexPath(Node):
 
 @dataclass(frozen=True)
 class Port(Node):
-    """`:out`, `:out.0`, `:in`, `:in.0`, `:in.hidden_states`."""
+    """`:out`, `:out.0`, `:in`, `:in.0`, `:in.hidden_states`; or kind "op": a value computed
+    inside the module's forward, `:add_0` (its first `add`), `:pattern` (a named internal site)."""
 
-    kind: Literal["out", "in"]
+    kind: Literal["out", "in", "op"]
     item: int | str | None = None
     span: Span | None = _span()
 

@@ -143,8 +143,6 @@ def describe_syntax_error(text, offset, bad, terminals: set[str], patterns) -> D
             return result("'set' needs '=' and a value", f"for example: {_EXAMPLES['set']}")
         if verb == "steer" and not _in_expression(prefix):
             return result("'steer' needs '+=', '-=' or '*=' and a value", f"for example: {_EXAMPLES['steer']}")
-    if prefix.rstrip().endswith(":") and kind == "NAME":
-        return result(f"unknown port '{value}'", "ports are :out, :out.N, :in, :in.N and :in.NAME")
     if prefix.rstrip().endswith("@") and kind != "INT":
         return result(
             f"unexpected {_describe(kind, value)} after '@'",

@@ -34,6 +34,7 @@ RULE_TO_AST: dict[str, type] = {
     "any_attr": ast.AnyAttr,
     "attr_set": ast.AttrSet,
     "port": ast.Port,
+    "internal_port": ast.Port,
     "index": ast.Index,
     "int_entry": ast.IntEntry,
     "var_entry": ast.Var,
@@ -159,7 +160,10 @@ def _not_a_site(error: UnexpectedInput, text: str, source: str) -> DslSyntaxErro
     at_end = token is not None and token.type == "$END"
     line, column = _position(text, len(text)) if at_end else (error.line, error.column)
     message = f"{text!r} is not a site: " + ("it ends too early" if at_end else "unexpected text here")
-    expected = "a module path (a.b[0].c, a.*, /regex/), then optionally @CALL, :out.N or :in.NAME, and [INDEX]"
+    expected = (
+        "a module path (a.b[0].c, a.*, /regex/), then optionally @CALL, :out.N, :in.NAME or an internal"
+        " value (:add_0, :pattern), and [INDEX]"
+    )
     return DslSyntaxError(Diagnostic(Span(line, column, line, column + 1), message, expected=expected), text, source)
 
 
@@ -323,6 +327,10 @@ class _ToAst(Transformer_NonRecursive):  # any depth of tree without recursion; 
         if item:
             value = _int(item[0]) if item[0].type == "INT" else str(item[0])
         return ast.Port(str(kind), value, span=_span(meta))
+
+    def internal_port(self, meta, children):
+        _colon, name = children
+        return ast.Port("op", _escaped(name), span=_span(meta))
 
     def index(self, meta, children):
         node = ast.Index(tuple(children), span=_span(meta))

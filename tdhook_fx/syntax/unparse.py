@@ -18,6 +18,8 @@ from tdhook_fx.errors import InvalidArgumentType
 _PLAIN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|[0-9]+")
 # Keywords the lexer prefers over a name where a path starts (`save grad ...`).
 _HEAD_KEYWORDS = {"grad"}
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_PORT_KINDS = {"out", "in"}  # after ':' these are ports; an internal value so named is escaped
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
@@ -139,6 +141,9 @@ def _(node, text) -> str:
 
 @_prints("Port")
 def _(node, text) -> str:
+    if node.kind == "op":
+        plain = _IDENTIFIER.fullmatch(node.item) and node.item not in _PORT_KINDS
+        return f":{node.item}" if plain else f":<{node.item}>"
     return f":{node.kind}" + (f".{node.item}" if node.item is not None else "")
 
 

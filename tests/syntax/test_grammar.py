@@ -17,6 +17,7 @@ prune fc.weight 50% by random(3) along 0
 prune fc.weight 10 by magnitude
 prune /weight$/ 5% by $scores
 rule features[0] = alpha_beta(2, 1, 1e-6)
+save h[0].attn@1:pattern[:, 0]
 stop h[0]
 """
 

@@ -172,3 +172,22 @@ def test_parsing_survives_nnsight_patching_every_object():
     script = "import nnsight, tdhook_fx; print(tdhook_fx.parse('save x as y; set x = 1'))"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
     assert out.splitlines() == ["save x as y", "set x = 1"]
+
+
+def test_internal_sites_name_a_value_inside_a_module():
+    site = tdhook_fx.parse("save transformer.h[0].attn@1:pattern[:, 3] as p").statements[0].site
+    assert site.call == 1
+    assert site.port == ast.Port("op", "pattern")
+    assert str(site) == "transformer.h[0].attn@1:pattern[:, 3]"
+
+
+@pytest.mark.parametrize("name", ["add_0", "outer", "input_1", "grad", "value"])
+def test_an_internal_site_is_any_name_that_is_not_a_port(name):
+    assert tdhook_fx.parse(f"save h.0:{name}").statements[0].site.port == ast.Port("op", name)
+
+
+@pytest.mark.parametrize("name", ["out", "in", "5", "odd name"])
+def test_internal_names_that_are_not_plain_print_escaped(name):
+    program = ast.Program((ast.Save(ast.Site(ast.Path((ast.Attr("h"),)), port=ast.Port("op", name))),))
+    assert str(program) == f"save h:<{name}>"
+    assert tdhook_fx.parse(str(program)) == program

@@ -232,16 +232,14 @@ def site_shapes(graph_module: fx.GraphModule, inputs: tuple) -> dict[str, torch.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from tdhook_fx.compiler.capture.sites import _record_taps
+    from tdhook_fx.compiler.capture.sites import record_shapes
 
     try:
         with FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fakes = tuple(mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs)
-            values = _record_taps(graph_module, fakes)
-            return {name: torch.Size(value.shape) for name, value in values.items()}
+            return record_shapes(graph_module, fakes)
     except Exception:  # noqa: BLE001 - any failure of fake tensors: a real run works or raises the model's error
-        values = _record_taps(graph_module, inputs)
-        return {name: value.shape for name, value in values.items()}
+        return record_shapes(graph_module, inputs)
 
 
 def region_shape(shape: torch.Size, index, runtime: dict) -> torch.Size:

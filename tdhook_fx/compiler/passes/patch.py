@@ -44,7 +44,7 @@ def _source_values(ctx: RewriteContext, source: str) -> dict[str, fx.Node]:
         for i in ctx.resolved.interventions
         if i.kind == "patch" and (i.statement.source or DEFAULT_PATCH_SOURCE) == source
     }
-    pristine = ctx.capture.graph_module.graph
+    pristine = ctx.pristine
     taps = {n.args[1]: n for n in pristine.nodes if is_tap(n)}
     # in a graph with in-place ops, every node up to the last patched site (an in-place op may
     # change a value without being an ancestor of the site's node)

@@ -13,6 +13,7 @@ from tdhook_fx.compiler.capture.taps import is_tap
 from tdhook_fx.compiler.graphs import readable
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values, substitute
 from tdhook_fx.compiler.passes import ops
+from tdhook_fx.compiler.passes.internals import expose_internal_sites, internal_sites
 from tdhook_fx.syntax import ast
 
 _BINARY = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -29,8 +30,13 @@ class RewriteContext:
     def __init__(self, capture: Capture, resolved: ResolvedProgram):
         self.capture = capture
         self.resolved = resolved
-        self.graph = fx.Graph()
-        self.graph.output(self.graph.graph_copy(capture.graph_module.graph, {}))
+        self.graph = _copy(capture.graph_module.graph)
+        inside = internal_sites(resolved.interventions)
+        expose_internal_sites(self.graph, inside)
+        self.pristine = capture.graph_module.graph  # what patch sources copy: internal sites tapped too
+        if inside:
+            self.pristine = _copy(capture.graph_module.graph)
+            expose_internal_sites(self.pristine, inside)
         self.original = set(self.graph.nodes)  # the model's own nodes (the rest are the passes')
         self.current: dict[str, fx.Node] = {n.args[1]: n for n in self.graph.nodes if is_tap(n)}
         self.inputs = [n for n in self.graph.nodes if n.op == "placeholder"]
@@ -139,6 +145,12 @@ class RewriteContext:
     def index(self, index) -> tuple | None:
         """A resolved tensor index with runtime values replaced by their input nodes."""
         return substitute(index, self.runtime.__getitem__)
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    copy = fx.Graph()
+    copy.output(copy.graph_copy(graph, {}))
+    return copy
 
 
 def _parts(item) -> tuple:

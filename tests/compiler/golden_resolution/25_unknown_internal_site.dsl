@@ -1,0 +1,1 @@
+save blocks[0].attn:output

@@ -1,1 +1,0 @@
-save transformer.h[0].attn:output
