@@ -244,32 +244,35 @@ class _Recorder:
         def hook(module, args, kwargs):
             call = self.calls[name]
             self.calls[name] += 1
+            statements = self.hooks.get((name, call, "in"), [])
+            result = self._inputs(module, name, call, statements, args, kwargs) if statements else None
             inside = self.hooks.get((name, call, "op"), [])
-            if inside:
+            if inside:  # entered after the input statements: their own torch calls are not the module's
                 label = name + (f"@{call}" if call else "")
                 self.inside.append(_Inside(self, module, label, inside).__enter__())
-            statements = self.hooks.get((name, call, "in"), [])
-            if not statements:
-                return None
-            label = name + (f"@{call}" if call else "")
-            args, kwargs = list(args), dict(kwargs)
-            names = _parameter_names(module)
-            tensors = [(("args", i), names[i] if i < len(names) else i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
-            tensors += [(("kwargs", k), k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
-            for statement, item, index in statements:
-                if item is None:
-                    chosen = tensors if isinstance(statement, ast.Save) and len(tensors) > 1 else tensors[:1]
-                elif isinstance(item, int):
-                    chosen = [tensors[item]]
-                else:
-                    chosen = [t for t in tensors if t[1] == item]
-                for (where, key), port in chosen:
-                    container = args if where == "args" else kwargs
-                    site = f"{label}:in.{port}"
-                    container[key] = self.apply(statement, container[key], index, site)
-            return tuple(args), kwargs
+            return result
 
         return hook
+
+    def _inputs(self, module, name, call, statements, args, kwargs):
+        """The module call's arguments with the statements at its input ports applied."""
+        label = name + (f"@{call}" if call else "")
+        args, kwargs = list(args), dict(kwargs)
+        names = _parameter_names(module)
+        tensors = [(("args", i), names[i] if i < len(names) else i) for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        tensors += [(("kwargs", k), k) for k, v in kwargs.items() if isinstance(v, torch.Tensor)]
+        for statement, item, index in statements:
+            if item is None:
+                chosen = tensors if isinstance(statement, ast.Save) and len(tensors) > 1 else tensors[:1]
+            elif isinstance(item, int):
+                chosen = [tensors[item]]
+            else:
+                chosen = [t for t in tensors if t[1] == item]
+            for (where, key), port in chosen:
+                container = args if where == "args" else kwargs
+                site = f"{label}:in.{port}"
+                container[key] = self.apply(statement, container[key], index, site)
+        return tuple(args), kwargs
 
     def _post(self, name):
         def hook(module, args, kwargs, output):

@@ -147,6 +147,15 @@ def test_operation_sites_equal_the_reference(program, samples):
                       sources=sources, rtol=1e-5, atol=1e-6)
 
 
+def test_an_input_statement_is_not_counted_among_the_modules_own_operations(samples):
+    # Found by the equivalence property on Llama: the reference entered the module's interceptor
+    # before applying `steer M:in... += 0`, so the steer's own addition became M:add_0.
+    sample = samples("llama")
+    program = "steer model.layers.0.input_layernorm:in.hidden_states += 0\nsave model.layers.0.input_layernorm:add_0 as s1"
+    assert_equivalent(sample.model, program, sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys,
+                      rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_at_the_pattern_equal_the_reference(samples):
     sample = samples("gpt2")
     program = "save grad transformer.h[0].attn:pattern\nset grad transformer.h[1].attn:q = 0"
