@@ -7,7 +7,7 @@ by temporary forward (pre-)hooks, removed as soon as the export is done.
 from __future__ import annotations
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.export import Dim
 
 from tdhook_fx.compiler.capture.call_plan import ModelCall
@@ -43,3 +43,36 @@ def export(call: ModelCall, tapper: Tapper, inputs: tuple[torch.Tensor, ...]) ->
     graph = unlifted.graph
     graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat tuple out, no pytree specs
     return fx.GraphModule(unlifted, graph)
+
+
+def shadow(model: nn.Module) -> nn.Module:
+    """A copy of `model`'s module tree made of new module objects holding the same parameters,
+    buffers and attributes (nothing is copied but the containers).
+
+    `torch.export(strict=False)` replaces the traced modules' parameters and buffers by fake
+    tensors while it traces; on a shadow that leaves the model's own modules untouched, so
+    another thread can run the model meanwhile. Shared submodules stay shared.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copy(module: nn.Module) -> nn.Module:
+        if id(module) in copies:
+            return copies[id(module)]
+        clone = object.__new__(type(module))
+        copies[id(module)] = clone
+        state = dict(module.__dict__)
+        for name in ("_parameters", "_buffers", "_non_persistent_buffers_set", *_HOOK_DICTS):
+            if name in state:
+                state[name] = type(state[name])(state[name])
+        state["_modules"] = {name: None if child is None else copy(child) for name, child in module._modules.items()}
+        clone.__dict__.update(state)
+        return clone
+
+    return copy(model)
+
+
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)

@@ -13,7 +13,7 @@ from tdhook_fx.errors import BindingError
 
 
 def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:
-    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype."""
+    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype and device."""
     # Compare ranks first: comparing shapes of different ranks element-wise would compare a
     # batch size with a feature width, a shape guard torch.compile/torch.export would keep.
     same = value.dim() == like.dim() and value.shape == like.shape
@@ -24,7 +24,7 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
             "  hint: the value must broadcast to the site by torch's rules; for a per-example "
             "vector at a (batch, seq, dim) site use shape (batch, 1, dim)"
         )
-    return value if value.dtype == like.dtype else value.to(like.dtype)
+    return value if value.dtype == like.dtype and value.device == like.device else value.to(like.device, like.dtype)
 
 
 def call(function, *args) -> torch.Tensor:
@@ -129,7 +129,7 @@ def receive_grad(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     Without gradients the caller passes a zero that needs no gradient and `x` comes back as it
     is (`save grad`). (A 0-dim delta may be a real one: the gradient of a single element.)
     """
-    return x + delta if delta.requires_grad else x
+    return x + delta.to(x.dtype) if delta.requires_grad else x
 
 
 def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor) -> torch.Tensor:
@@ -137,7 +137,7 @@ def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor) -> torch
     if not delta.requires_grad:
         return x
     out = x.clone()
-    _put(out, index, region(x, index) + delta)
+    _put(out, index, region(x, index) + delta.to(x.dtype))
     return out
 
 
