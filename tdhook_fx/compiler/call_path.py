@@ -34,7 +34,9 @@ SAVED = "saved"
 
 def fast_call(cm, variant):
     """`call(cm, args, kwargs)` for `variant`: built on its first call (the runner with it)."""
-    if variant.rewritten.grad_names or variant.rewritten.source_inputs:
+    if variant.rewritten.grad_names:
+        return _with_grad_inputs
+    if variant.rewritten.source_inputs:
         return _general
 
     def first(self, args, kwargs):
@@ -48,6 +50,22 @@ def fast_call(cm, variant):
 
 def _general(self, args, kwargs):
     return self._call(args, kwargs)
+
+
+def _with_grad_inputs(self, args, kwargs):
+    return self._call_making_grad_inputs(args, kwargs)
+
+
+def _bound_value(name: str) -> list[str]:
+    """Lines reading a value bound with `bind` (as `CompiledModule._runtime` does: a function
+    first, then a tensor buffer; `_runtime` itself raises when there is none)."""
+    return [
+        f"    value = self._functions.get({name!r})",
+        "    if value is None:",
+        f"        value = self._buffers.get(self._bound.get({name!r}, ''))",
+        "        if value is None:",
+        f"            value = self._runtime({name!r}, None)",
+    ]
 
 
 def runner_of(variant):
@@ -84,7 +102,7 @@ def _generate(cm, variant):
         "NAMES": frozenset(rewritten.runtime_names),
         "checked": _Checked(variant),
     }
-    lines = ["def call(self, args, kwargs):"]
+    lines = ["def call(self, args, kwargs):"]  # `make` below returns it, call_td a closure
     lines += [f"    if len(args) != {len(in_keys)}:", "        return general(self, args, kwargs)"]
     lines += [f"    {', '.join(inputs)}, = args"]
     first = inputs[0] if inputs else None
@@ -96,11 +114,12 @@ def _generate(cm, variant):
     lines += ["    if not guard(args):", "        return general(self, args, kwargs)"]
     if values:
         lines += ["    if kwargs:", "        if not kwargs.keys() <= NAMES:", "            return general(self, args, kwargs)"]
-        lines += [f"        {v} = self._runtime({name!r}, kwargs.get({name!r}))" for v, name in zip(values, rewritten.runtime_names)]
-        lines += ["    else:"]
-        lines += [f"        {v} = self._runtime({name!r}, None)" for v, name in zip(values, rewritten.runtime_names)]
     else:
         lines += ["    if kwargs:", "        return general(self, args, kwargs)"]
+    for v, name in zip(values, rewritten.runtime_names):
+        lines += [f"    value = kwargs.get({name!r}) if kwargs else None", "    if value is not None:"]
+        lines += [f"        {v} = self._runtime({name!r}, value)", "    else:"]
+        lines += ["    " + line for line in _bound_value(name)] + [f"        {v} = value"]
     lines += [f"    out = run({', '.join(inputs + values)})"]
     result = [f"{key_name(k)!r}: out[{i}]" for i, k in enumerate(out_keys)]
     if rewritten.saved_names:
@@ -108,9 +127,11 @@ def _generate(cm, variant):
         result.append(f"{SAVED!r}: {{{saved}}}")
     lines += [f"    return {{{', '.join(result)}}}"]
     lines += _tensordict_call(in_keys, out_keys, rewritten, inputs, values)
-    source = "\n".join(lines) + "\n"
+    # Both functions are made inside `make`, so they find each other as closures: functions kept
+    # in their own globals would be a reference cycle holding the runner (and the model's weights).
+    source = "def make():\n" + "\n".join("    " + line for line in lines) + "\n    return call\n"
     exec(compile(source, f"<tdhook_fx call of {type(cm).__name__}>", "exec"), env)  # noqa: S102 - names are repr()'d
-    return env["call"]
+    return env.pop("make")()
 
 
 def _tensordict_call(in_keys, out_keys, rewritten, inputs, values) -> list[str]:
@@ -122,9 +143,10 @@ def _tensordict_call(in_keys, out_keys, rewritten, inputs, values) -> list[str]:
         lines += [f"    {x} = {read}", f"    if type({x}) is not Tensor:", "        return general(self, (td,), {})"]
     lines += [f"    if not guard(({', '.join(inputs)},)):", "        return general(self, (td,), {})"]
     for v, name in zip(values, rewritten.runtime_names):
-        lines += [f"    {v} = td._get_str({name!r}, None)"]
-        lines += [f"    if {v} is not None and type({v}) is not Tensor:", "        return general(self, (td,), {})"]
-        lines += [f"    {v} = self._runtime({name!r}, {v})"]
+        lines += [f"    value = td._get_str({name!r}, None)", "    if value is not None:"]
+        lines += ["        if type(value) is not Tensor:", "            return general(self, (td,), {})"]
+        lines += [f"        {v} = self._runtime({name!r}, value)", "    else:"]
+        lines += ["    " + line for line in _bound_value(name)] + [f"        {v} = value"]
     lines += [f"    out = run({', '.join(inputs + values)})"]
     shapes = [f"{x}.shape" for x in inputs] + [f"getattr({v}, 'shape', None)" for v in values]
     lines += [f"    checked(td, out, (td.batch_size, {', '.join(shapes)}), ({', '.join(inputs)},))"]

@@ -229,11 +229,9 @@ class CompiledModule(nn.Module):
     # ---- calling ------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        if self._first.grad_names:
-            return self._call_making_grad_inputs(args, kwargs)
-        if torch.compiler.is_compiling():
-            return self._call(args, kwargs)
-        return self.__dict__["_fast"](self, args, kwargs)
+        if torch.compiler.is_compiling():  # torch.compile traces the general call
+            return self._call_making_grad_inputs(args, kwargs) if self._first.grad_names else self._call(args, kwargs)
+        return self.__dict__["_fast"](self, args, kwargs)  # call_path: the generated call, or the general one
 
     def _call(self, args, kwargs):
         """The call, for any arguments (the generated eager call, `call_path`, defers to it)."""

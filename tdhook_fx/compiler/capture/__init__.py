@@ -16,10 +16,19 @@ from tdhook_fx.compiler.capture import export as export_frontend
 from tdhook_fx.compiler.capture import trace as trace_frontend
 from tdhook_fx.compiler.capture.call_plan import CallPlan, join_keys, key_name, model_call, plan_call
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable, build_site_table
-from tdhook_fx.compiler.capture.state import Follows, bakes_tensor_facts, held_objects, read_tensors, rebind, state_key
+from tdhook_fx.compiler.capture.state import (
+    Follows,
+    bakes_tensor_facts,
+    called_modules,
+    held_objects,
+    read_tensors,
+    rebind,
+    state_key,
+)
 from tdhook_fx.compiler.capture.taps import SiteKey, Tapper
 from tdhook_fx.compiler.graphs import mutates
 from tdhook_fx.compiler.lru import LRU
+from tdhook_fx.compiler.sources import generated_code
 from tdhook_fx.errors import CaptureError
 
 FRONTENDS = ("auto", "fx", "export")
@@ -56,7 +65,7 @@ class Capture:
         nodes = self.graph_module.graph.nodes
         own_constants = any(n.op == "get_attr" and not n.target.startswith("model.") for n in nodes)
         if self.frontend == "fx" and not own_constants and not bakes_tensor_facts(nodes):
-            return Follows(tensors=False, read=read_tensors(self.graph_module))
+            return Follows(tensors=False, read=read_tensors(self.graph_module), live_modes=called_modules(self.graph_module))
         return Follows(tensors=True)
 
 
@@ -138,12 +147,16 @@ def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
     eager_sites = frozenset(key.name for key in eager_tapper.sites)
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
-        try:
-            graph_module, tapper = _run_frontend(name, model, plan, inputs)
-            _check_same_outputs(graph_module, inputs, eager, name)
-        except Exception as error:  # every front end's failure is reported, see below
-            failures.append((name, error))
-            continue
+        with generated_code([]) as keep:  # torch.export makes (and drops) dozens of graph modules
+            try:
+                graph_module, tapper = _run_frontend(name, model, plan, inputs)
+                _check_same_outputs(graph_module, inputs, eager, name)
+            except Exception as error:  # every front end's failure is reported, see below
+                # the reason as text: a kept exception would keep its traceback's frames (and the
+                # model in their locals) alive in a reference cycle
+                failures.append((name, _reason(error)))
+                continue
+            keep.append(graph_module)
         keys = {key.name: key for key in tapper.sites}
         return Capture(graph_module, name, plan, keys, eager_sites, time.perf_counter() - start, held_objects(model))
     raise CaptureError(_failure_message(model, failures))
@@ -158,9 +171,15 @@ def _run_frontend(name: str, model: nn.Module, plan: CallPlan, inputs: tuple) ->
     traced = model if name == "fx" else export_frontend.shadow(model)
     tapper = Tapper(traced)
     call = model_call(traced, plan, on_enter=tapper.reset)
-    if name == "fx":
-        return trace_frontend.trace(call, tapper), tapper
-    return export_frontend.export(call, tapper, inputs), tapper
+    try:
+        if name == "fx":
+            return trace_frontend.trace(call, tapper), tapper
+        return export_frontend.export(call, tapper, inputs), tapper
+    finally:  # what the front end's own reference cycles may still hold: none of the model's tensors
+        tapper.names.clear()
+        call._modules.clear()
+        if traced is not model:
+            export_frontend.empty(traced)
 
 
 def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
@@ -172,11 +191,15 @@ def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
             raise CaptureError(f"the {frontend} graph does not reproduce the model's outputs on the example")
 
 
+def _reason(error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {first}"
+
+
 def _failure_message(model, failures) -> str:
     lines = [f"could not capture {type(model).__name__} as a graph:"]
-    for name, error in failures:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        lines.append(f"  {name}: {type(error).__name__}: {first}")
+    for name, reason in failures:
+        lines.append(f"  {name}: {reason}")
     lines.append(
         "  hint: the 'fx' front end needs Python code without branches on tensor values;"
         " 'export' handles those but needs shapes it can reason about. Try the other front end"

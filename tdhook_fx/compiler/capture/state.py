@@ -81,6 +81,7 @@ class Follows:
 
     tensors: bool  # check the dtype, device and shape of every parameter and buffer, and the inputs
     read: frozenset[str] = frozenset()  # tensors the graph reads directly (by qualified name): checked by identity
+    live_modes: frozenset[str] = frozenset()  # modules the graph calls whole: they read their own mode
 
 
 def guard(model: nn.Module, follows: Follows, inputs: tuple) -> Callable[[tuple], bool]:
@@ -123,7 +124,8 @@ def _check_module(code, module: nn.Module, modules: str, parameters: str, buffer
             continue
         value = code.bind(child)
         code.term(f"{modules}.get({name!r}) is {value}")
-        code.term(f"{value}.training is {child.training}")
+        if prefix + name not in follows.live_modes:
+            code.term(f"{value}.training is {child.training}")
         if id(child) not in seen:
             _check_module(
                 code, child, code.bind(child._modules), code.bind(child._parameters), code.bind(child._buffers),
@@ -148,15 +150,24 @@ class _GuardCode:
         body = " and ".join(self.terms) or "True"
         source = f"def check(inputs):\n    return {body}\n"
         exec(compile(source, "<tdhook_fx guard>", "exec"), self.namespace)  # noqa: S102 - our own code, no user text
-        return self.namespace["check"]
+        return self.namespace.pop("check")  # kept in its own globals, it would be a reference cycle
 
 
 def read_tensors(graph_module: torch.fx.GraphModule, prefix: str = "model.") -> frozenset[str]:
     """The model tensors a graph reads directly (`get_attr model.x.weight` -> "x.weight")."""
+    return _targets(graph_module, "get_attr", prefix)
+
+
+def called_modules(graph_module: torch.fx.GraphModule, prefix: str = "model.") -> frozenset[str]:
+    """The model's modules a graph calls whole (`call_module model.x` -> "x")."""
+    return _targets(graph_module, "call_module", prefix)
+
+
+def _targets(graph_module: torch.fx.GraphModule, op: str, prefix: str) -> frozenset[str]:
     return frozenset(
         node.target.removeprefix(prefix)
         for node in graph_module.graph.nodes
-        if node.op == "get_attr" and node.target.startswith(prefix)
+        if node.op == op and node.target.startswith(prefix)
     )
 
 

@@ -14,6 +14,7 @@ from torch import fx, nn
 
 from tdhook_fx.compiler.capture.call_plan import ModelCall
 from tdhook_fx.compiler.capture.taps import Tapper
+from tdhook_fx.compiler.graphs import detached
 
 
 def is_builtin_leaf(module: nn.Module) -> bool:
@@ -52,5 +53,10 @@ class _TappingTracer(fx.Tracer):
 
 def trace(call: ModelCall, tapper: Tapper) -> fx.GraphModule:
     """Symbolically trace `call` (its model's modules tapped); raises whatever fx raises."""
-    graph = _TappingTracer(tapper).trace(call)
-    return fx.GraphModule(call, graph)
+    tracer = _TappingTracer(tapper)
+    try:
+        graph = tracer.trace(call)
+    finally:
+        # fx's trace leaves the tracer in a reference cycle (a recursive closure): let it hold nothing
+        tracer.__dict__.clear()
+    return detached(fx.GraphModule(call, graph))
