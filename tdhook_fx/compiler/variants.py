@@ -44,8 +44,9 @@ def build(
     resolved = resolve(program, table, text, source)
     rewritten = rewrite(captured, resolved)
     follows = captured.follows
-    if not follows.tensors and own_tensors(rewritten.graph_module):
-        follows = Follows(tensors=True)  # pruning masks have the dtype and device the weights had
+    if not follows.tensors and (own_tensors(rewritten.graph_module) or rewritten.grad_names):
+        # pruning masks have the dtype and device the weights had; `save grad` inputs the sites' dtypes
+        follows = Follows(tensors=True)
     return Variant(captured, table, resolved, rewritten, follows, guard(model, follows, inputs))
 
 
