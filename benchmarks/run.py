@@ -30,6 +30,7 @@ FAMILIES = {
     "sweep": "benchmarks.patching_sweep",
     "torch_compile": "benchmarks.torch_compile",
     "attribution": "benchmarks.attribution",
+    "workflow": "benchmarks.workflow",
 }
 RESULTS = ROOT / "benchmarks" / "results"
 

@@ -3,6 +3,7 @@
 from tdhook_fx.compiler.compiled import CompiledModule
 from tdhook_fx.compiler.resolve import match_sites
 from tdhook_fx.compiler.pipeline import compile, sites
+from tdhook_fx.data.collect import collect
 from tdhook_fx.errors import (
     BindingError,
     CaptureError,
@@ -26,6 +27,7 @@ __all__ = [
     "Program",
     "ResolutionError",
     "TdhookFxError",
+    "collect",
     "compile",
     "inspect_export",
     "load",

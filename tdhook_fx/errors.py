@@ -104,8 +104,31 @@ class BindingError(TdhookFxError):
     """A runtime value (`$name`) is missing or does not fit its site at call time."""
 
 
+class LayoutWarning(TdhookFxError, UserWarning):
+    """A runtime value broadcasts by torch's rules in a way that is probably not what was meant
+    (its first size is the batch size, but it lines up with the site's last dimensions)."""
+
+
 class ExportError(TdhookFxError):
     """A compiled module could not be saved, exported or loaded."""
+
+
+class FileFormatError(ExportError):
+    """A value read from a file is not what tdhook_fx writes there: `.where` (a path into the
+    file's JSON, e.g. `graph_module.graph.nodes[3].target`) and `.message` (what is wrong)."""
+
+    def __init__(self, where: str, message: str):
+        super().__init__(f"{where}: {message}" if where else message)
+        self.where = where
+        self.message = message
+
+
+class CodeInFile(FileFormatError):
+    """A string in a file that torch would run as code, outside the grammar tdhook_fx accepts."""
+
+
+class PickleInFile(FileFormatError):
+    """A part of a file that torch would unpickle."""
 
 
 class UnknownModulePath(TdhookFxError, ValueError):
@@ -127,6 +150,16 @@ class InvalidArgument(TdhookFxError, ValueError):
     """A value given to tdhook_fx (an argument, a callback's result, data) does not fit."""
 
 
+class InvalidPattern(TdhookFxError, ValueError):
+    """A regular expression (a `/regex/` selector, a tdhook key pattern) is malformed or cannot be
+    matched in linear time (see `tdhook_fx.syntax.regex`). `.reason` says why, `.hints` what to do."""
+
+    def __init__(self, reason: str, *hints: str):
+        super().__init__(reason + "".join(f"\n  hint: {hint}" for hint in hints))
+        self.reason = reason
+        self.hints = hints
+
+
 class InvalidArgumentType(TdhookFxError, TypeError):
     """A value given to tdhook_fx has the wrong type."""
 
@@ -141,3 +174,15 @@ class ProbingError(InvalidArgument):
 
 class CommandLineError(TdhookFxError):
     """A mistake on the command line (unknown model, missing file, bad --set)."""
+
+
+class GenerationError(TdhookFxError, ValueError):
+    """Text generation cannot run as asked (a model without a KV cache, an unsupported option or statement)."""
+
+
+class ReplacementShapeError(TdhookFxError, RuntimeError):
+    """A replacement value does not fit the units a target selects (tdhook's assignment raised RuntimeError)."""
+
+
+class WorkflowHandoffError(TdhookFxError, RuntimeError):
+    """A workflow cannot keep the shared or consolidated storage of the TensorDict it was given."""

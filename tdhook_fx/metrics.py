@@ -46,13 +46,13 @@ class InfidelityMetric:
 
     def __call__(self, module, original_data: TensorDictBase) -> TensorDict:
         if hasattr(module, "outputs"):  # a tdhook_fx module: the outputs at the inputs, by a forward pass
-            original_output = _tensor(module.outputs(original_data), self.output_key, "model output")
+            original_output = _tensor(module.outputs(original_data), self.output_key, "Model output")
         else:  # tdhook's: written by the attribution call (clean_intermediate_keys=False)
-            original_output = _tensor(original_data, self.output_key, "model output")
+            original_output = _tensor(original_data, self.output_key, "Model output")
         results = TensorDict(batch_size=original_data.batch_size, device=original_data.device)
         batch_dims = original_data.ndim
         for key in module.in_keys:
-            original_input = _tensor(original_data, key, "model input")
+            original_input = _tensor(original_data, key, "Model input")
             attribution = _tensor(original_data, join_keys(self.attribution_key, key), "attribution")
             scores, changes = [], []
             for _ in range(self.n_perturb_samples):
@@ -104,7 +104,7 @@ def _outputs(module, data: TensorDictBase) -> TensorDictBase:
 def _perturbed(data: TensorDictBase, keys, perturb) -> TensorDictBase:
     copy = data.clone()
     for key in keys:
-        value = _tensor(copy, key, "model input")
+        value = _tensor(copy, key, "Model input")
         if not value.is_floating_point():
             raise InvalidArgumentType(f"Model input at key {key!r} must be floating point")
         copy.set(key, perturb(value))
@@ -123,7 +123,7 @@ def _tensor(data: TensorDictBase, key, role: str) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         hint = (
             "\n  hint: prepare the attribution with clean_intermediate_keys=False, or pass output_key= naming the output"
-            if role == "model output"
+            if role == "Model output"
             else ""
         )
         raise MissingInputKey(f"{role} tensor is missing at key {key!r}{hint}")

@@ -1,4 +1,5 @@
-"""Figures of attributions: a heatmap over an image, or tokens coloured by their scores.
+"""Figures of attributions (a heatmap over an image, tokens coloured by their scores) and of
+patching sweeps (a site x position heatmap).
 
 matplotlib is an optional dependency (`pip install "tdhook_fx[plot]"`). The functions return a
 `matplotlib.figure.Figure` made without pyplot (no global state, any backend, headless):
@@ -105,6 +106,62 @@ def token_attribution(
     return figure
 
 
+def sweep_heatmap(
+    result,
+    key="metric",
+    *,
+    ax=None,
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+    colorbar: bool = True,
+    chunk: int = 4096,
+):
+    """A heatmap of a patching sweep: one row per swept site (layer), one column per position.
+
+    `result` is what `tdhook_fx.sweep` returned: in memory (batch size [sites, positions], each
+    entry's value averaged over its remaining dimensions, e.g. the batch), or streamed to disk
+    (batch size [prompts]: averaged over the prompts too, `chunk` rows at a time, so a large
+    memory-mapped result is never read whole). Colours are centred on 0 (red positive).
+    """
+    values = result.get(key)
+    if result.batch_dims == 2:
+        grid = _mean_over_rest(values.detach().float(), 2)
+        sites = [result[i, 0]["site"] for i in range(result.batch_size[0])]
+        positions = result["position"][0].tolist()
+    elif result.batch_dims == 1:
+        total = None
+        for start in range(0, result.batch_size[0], chunk):
+            part = _mean_over_rest(values[start : start + chunk].detach().float(), 3).sum(0)
+            total = part if total is None else total + part
+        if total is None:
+            raise InvalidArgument("the sweep result holds no prompts")
+        grid = total / result.batch_size[0]
+        sites, positions = list(result["site"]), list(result["position"])
+    else:
+        raise InvalidArgument(
+            f"a sweep result has batch size [sites, positions] or, streamed to disk, [prompts]; got {list(result.batch_size)}"
+        )
+    if tuple(grid.shape) != (len(sites), len(positions)):
+        raise InvalidArgument(f"{key!r} does not have one value per site and position: {tuple(grid.shape)}")
+    figure, ax = _axes(ax, size=(min(12, max(4.0, 2.5 + 0.45 * len(positions))), min(10, max(2.5, 1.2 + 0.35 * len(sites)))))
+    limit = float(grid.abs().max()) or 1.0
+    shown = ax.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_yticks(range(len(sites)), sites, fontsize=8)
+    ax.set_xticks(range(len(positions)), [str(p) for p in positions], fontsize=8)
+    ax.set_xlabel("position")
+    ax.set_ylabel("site")
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=str(key))
+    return figure
+
+
+def _mean_over_rest(values: torch.Tensor, keep: int) -> torch.Tensor:
+    """The mean over every dimension after the first `keep`."""
+    return values.reshape(*values.shape[:keep], -1).mean(-1) if values.dim() > keep else values
+
+
 def _axes(ax, size=(5, 4)):
     try:
         from matplotlib.figure import Figure
@@ -148,4 +205,4 @@ def _channel_dim(x: torch.Tensor) -> int:
     return 0 if x.shape[0] <= x.shape[-1] else 2
 
 
-__all__ = ["image_attribution", "token_attribution"]
+__all__ = ["image_attribution", "sweep_heatmap", "token_attribution"]

@@ -11,8 +11,11 @@ Semantics shared with the compiler (the contract both implement):
 - statements at one site apply in program order; `save` records the value at that point;
 - runtime values (`$name`) are cast to the site's dtype; `zeros`/`mean` are shaped like the
   (indexed) site value, `mean` averaging over the batch;
+- a bound function (`$f(...)`, `patch ... with $f`) gets copies of its tensor arguments: what
+  it changes in place changes nothing else;
 - `patch` takes the value the site has when the unmodified model runs on the source inputs;
-- `prune` masks a parameter only inside its owning module's forward;
+- `prune` masks a parameter only inside its owning module's forward; `set`/`steer` on a parameter
+  edit it there too (in program order with the masks), never the model's own weight;
 - `stop` ends the forward right after the site; then only saved values are returned;
 - `save grad` records the gradient that reaches the site's value, `set grad` replaces it, each
   with `Tensor.register_hook` on that value (a fresh alias per site, so a module input's hook
@@ -142,7 +145,7 @@ class _HookedProgram:
         """(module name, call, kind) -> [(statement, port item, tensor index)] in program order."""
         plan = defaultdict(list)
         for statement in statements:
-            if isinstance(statement, ast.Prune):
+            if isinstance(statement, ast.Prune) or self.edited_parameters(statement):
                 continue
             site = statement.site
             kind = site.port.kind if site.port else "out"
@@ -151,6 +154,23 @@ class _HookedProgram:
                 index = path_index if path_index is not None else site.index
                 plan[(module, site.call or 0, kind)].append((statement, item, index))
         return plan
+
+    def edited_parameters(self, statement) -> list[str]:
+        """The parameters a `set`/`steer` statement edits (empty where its site is an activation)."""
+        if not isinstance(statement, (ast.Set, ast.Steer)) or getattr(statement, "grad", False):
+            return []
+        site = statement.site
+        if site.port is not None or site.call is not None or isinstance(site.path, ast.RegexPath):
+            return []
+        segments = site.path.segments
+        if site.index is None and len(segments) > 1 and isinstance(segments[-1], ast.Index):
+            segments = segments[:-1]
+        if not isinstance(segments[-1], ast.Attr):
+            return []
+        owners = self.modules_for(ast.Path(segments[:-1])) if len(segments) > 1 else [("", None)]
+        names = [f"{o}.{segments[-1].name}" if o else segments[-1].name for o, _ in owners]
+        parameters = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}
+        return names if names and all(n in parameters for n in names) else []
 
     def record_patch_sites(self, plan, source: str, inputs) -> dict:
         wanted = [s for s in self.program.statements if isinstance(s, ast.Patch) and (s.source or DEFAULT_PATCH_SOURCE) == source]
@@ -162,8 +182,8 @@ class _HookedProgram:
     def run(self, plan, inputs) -> dict:
         hooks = self.plan_hooks(self.program.statements)
         recorder = self.last = _Recorder(self, hooks, record_only=False)
-        prunes = [s for s in self.program.statements if isinstance(s, ast.Prune)]
-        with _pruned(self, prunes):
+        edits = [s for s in self.program.statements if isinstance(s, ast.Prune) or self.edited_parameters(s)]
+        with _pruned(self, edits, recorder._eval):
             outputs = recorder.forward(plan, inputs)
         result = {} if recorder.stopped else dict(zip(map(key_name, plan.out_keys), outputs))
         for name, value in recorder.saved.items():
@@ -272,7 +292,7 @@ class _Recorder:
             patched = self.hooked.patch_values[source][site]
             new_region = patched if index is None else patched[index]
             if statement.function is not None:
-                new_region = self.hooked.values[statement.function.name](region, new_region)
+                new_region = self.hooked.values[statement.function.name](*_copies(region, new_region))
             new_region = new_region.to(value.dtype)
         else:
             operand = self._eval(statement.value, region)
@@ -353,11 +373,16 @@ class _Recorder:
         if isinstance(expr, ast.SiteValue):
             return region
         if isinstance(expr, ast.Call):
-            return self.hooked.values[expr.function.name](*(self._eval(a, region) for a in expr.args))
+            return self.hooked.values[expr.function.name](*_copies(*(self._eval(a, region) for a in expr.args)))
         if isinstance(expr, ast.Neg):
             return -self._eval(expr.operand, region)
         left, right = self._eval(expr.left, region), self._eval(expr.right, region)
         return {"+": lambda: left + right, "-": lambda: left - right, "*": lambda: left * right, "/": lambda: left / right}[expr.op]()
+
+
+def _copies(*arguments) -> tuple:
+    """A bound function's arguments: its own copy of each tensor (what it changes in place stays its own)."""
+    return tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in arguments)
 
 
 def _pick(container, entry) -> list[nn.Module]:
@@ -385,29 +410,55 @@ def _rebuild(output, replaced: dict):
 
 
 class _pruned:
-    """Prune with `torch.nn.utils.prune`'s own masks, applied only inside the owner's forward."""
+    """Prune with `torch.nn.utils.prune`'s own masks, and edit parameters (`set`/`steer`), only inside
+    the owner's forward: the owner sees `edit(original)`, the edits composed in program order."""
 
-    def __init__(self, hooked: _HookedProgram, statements):
+    def __init__(self, hooked: _HookedProgram, statements, evaluate):
         self.hooked = hooked
         self.statements = statements
+        self.evaluate = evaluate  # a value expression at a region (the recorder's)
         self.handles = []
         self.originals: dict[tuple[nn.Module, str], torch.Tensor] = {}
         self.orders: dict[nn.Module, list[str]] = {}  # each swapped module's parameter names, in order
 
     def __enter__(self):
-        masks: dict[tuple[str, str], torch.Tensor] = {}
+        edits: dict[tuple[str, str], list] = defaultdict(list)  # (owner, attribute) -> functions, in order
         for statement in self.statements:
-            for name in self._parameters(statement.param):
+            if isinstance(statement, ast.Prune):
+                for name in self._parameters(statement.param):
+                    owner_name, _, attribute = name.rpartition(".")
+                    weight = getattr(self.hooked.modules[owner_name], attribute).detach()
+                    mask = self._mask(statement, weight)
+                    edits[(owner_name, attribute)].append(lambda w, mask=mask: w * mask)
+                continue
+            for name in self.hooked.edited_parameters(statement):
                 owner_name, _, attribute = name.rpartition(".")
-                weight = getattr(self.hooked.modules[owner_name], attribute).detach()
-                mask = self._mask(statement, weight)
-                key = (owner_name, attribute)
-                masks[key] = masks[key] * mask if key in masks else mask
-        for (owner_name, attribute), mask in masks.items():
+                edits[(owner_name, attribute)].append(lambda w, s=statement: self._edit(s, w))
+        for (owner_name, attribute), functions in edits.items():
             owner = self.hooked.modules[owner_name]
-            self.handles.append(owner.register_forward_pre_hook(self._swap(attribute, mask)))
+            self.handles.append(owner.register_forward_pre_hook(self._swap(attribute, functions)))
             self.handles.append(owner.register_forward_hook(self._restore(attribute)))
         return self
+
+    def _edit(self, statement, weight: torch.Tensor) -> torch.Tensor:
+        """`set`/`steer` on a weight, on a copy (the whole weight, or its indexed part)."""
+        index = statement.site.index
+        segments = statement.site.path.segments
+        if index is None and isinstance(segments[-1], ast.Index):
+            index = segments[-1]
+        index = None if index is None else self.hooked.last._index(index)
+        region = weight if index is None else weight[index]
+        operand = self.evaluate(statement.value, region)
+        operand = operand.to(weight.dtype) if isinstance(operand, torch.Tensor) else operand
+        if isinstance(statement, ast.Set):
+            new_region = torch.empty_like(region).copy_(torch.as_tensor(operand, dtype=weight.dtype))
+        else:
+            new_region = {"+=": region + operand, "-=": region - operand, "*=": region * operand}[statement.op]
+        if index is None:
+            return new_region
+        new = weight.clone()
+        new[index] = new_region
+        return new
 
     def __exit__(self, *exc):
         for handle in self.handles:
@@ -416,13 +467,16 @@ class _pruned:
             self._put_back(owner, attribute)
         return False
 
-    def _swap(self, attribute: str, mask: torch.Tensor):
+    def _swap(self, attribute: str, functions: list):
         def hook(module, args):
             if not any(owner is module for owner, _ in self.originals):  # its own order, before any swap
                 self.orders[module] = list(module._parameters)
             original = module._parameters.pop(attribute)
             self.originals[(module, attribute)] = original
-            setattr(module, attribute, original * mask)
+            edited = original
+            for function in functions:
+                edited = function(edited)
+            setattr(module, attribute, edited)
 
         return hook
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +21,9 @@ except ImportError:  # an optional part: its extra installs hypothesis
     raise ImportError("tdhook_fx.testing needs hypothesis: pip install 'tdhook_fx[testing]'") from None
 
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
-from tdhook_fx.errors import MissingInputKey
+from tdhook_fx.errors import InvalidPattern, MissingInputKey
 from tdhook_fx.syntax import ast
+from tdhook_fx.syntax.regex import compile_pattern
 
 identifiers = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,7}", fullmatch=True)
 # Module names as they appear in models: identifiers, container indices, odd names.
@@ -38,8 +38,8 @@ small_ints = st.integers(-10, 10)
 
 def _valid_regex(pattern: str) -> bool:
     try:
-        re.compile(pattern)
-    except re.error:
+        compile_pattern(pattern)
+    except InvalidPattern:
         return False
     return True
 
@@ -207,8 +207,9 @@ def programs_for(
     """A valid program over `sites` (a `tdhook_fx.sites(...)` table), with its runtime values.
 
     Draws save / set / steer / patch / prune statements and at most one final stop, each over
-    a real site with indices and values that fit its shape; with `grads`, also `save grad` and
-    `set grad` statements (check those with `assert_equivalent(..., backward=...)`).
+    a real site with indices and values that fit its shape, and `set`/`steer` on parameters
+    (weight edits); with `grads`, also `save grad` and `set grad` statements (check those with
+    `assert_equivalent(..., backward=...)`).
     """
     activations = sorted((s for s in sites if s.is_activation and s.eager), key=lambda s: s.order)
     floats = [s for s in activations if s.dtype.is_floating_point and s.shape]
@@ -220,11 +221,18 @@ def programs_for(
     grad_defaults: set[str] = set()  # default names of saved gradients drawn so far
     patches = False
     count = draw(st.integers(1, max_statements))
-    kinds = ["save", "set", "steer", "prune"] + (["patch"] if allow_patch else []) + (["save_grad", "set_grad"] if grads else [])
+    kinds = ["save", "set", "steer", "prune", "edit"] + (["patch"] if allow_patch else []) + (["save_grad", "set_grad"] if grads else [])
+    edited: set[str] = set()  # parameters edited so far (a prune must come before an edit)
     for number in range(count):
         kind = draw(st.sampled_from(kinds)) if floats else "save"
-        if kind == "prune" and parameters:
+        if kind == "edit" and parameters:
             site = draw(st.sampled_from(parameters))
+            edited.add(site.name)
+            lines.append(draw(_parameter_edit(site, values, generator, f"v{number}")))
+            continue
+        prunable = [p for p in parameters if p.name not in edited]
+        if kind == "prune" and prunable:
+            site = draw(st.sampled_from(prunable))
             amount = draw(st.sampled_from([f"{draw(st.integers(0, 100))}%", str(draw(st.integers(0, min(5, math.prod(site.shape)))))]))
             criterion = draw(st.sampled_from(["", " by magnitude", f" by random({draw(st.integers(0, 99))})"]))
             along = f" along {draw(st.integers(0, len(site.shape) - 1))}" if len(site.shape) > 1 and draw(st.booleans()) else ""
@@ -267,6 +275,33 @@ def _mentions(line: str, name: str) -> bool:
     return len(words) > 1 and words[0] != "prune" and words[1].split("[")[0] == name
 
 
+def doubled_in_place(x: torch.Tensor) -> torch.Tensor:
+    """A bound function that changes its argument in place (`$f` gets a copy: nothing else changes)."""
+    return x.mul_(2)
+
+
+@st.composite
+def _parameter_edit(draw, site, values, generator, var_name) -> str:
+    """`set PARAM[INDEX] = EXPR` or `steer PARAM[INDEX] op EXPR` (numbers, runtime values, the weight)."""
+    index = _index_for(draw, site.shape)
+    region = _region(site.shape, index)
+    choice = draw(st.sampled_from(["number", "var", "scaled var", "value", "zeros"]))
+    if choice == "number":
+        value = repr(draw(st.sampled_from([0, 1, 0.5, -2])))
+    elif choice == "value":
+        value = draw(st.sampled_from(["value * 0.5", "-value"]))
+    elif choice == "zeros":
+        value = "zeros"
+    else:
+        values[var_name] = torch.randn(draw(st.sampled_from([(), region])), generator=generator)
+        value = f"${var_name}"
+        if choice == "scaled var":  # a task vector and its scale: `steer W += $alpha * $tau`
+            values[f"{var_name}_alpha"] = torch.randn((), generator=generator)
+            value = f"${var_name}_alpha * ${var_name}"
+    op = draw(st.sampled_from(["=", "+=", "-=", "*="]))
+    return f"{'set' if op == '=' else 'steer'} {site.name}{index} {op} {value}"
+
+
 @st.composite
 def _values(draw, site, region, saved, values, generator, var_name) -> str:
     options = ["number", "zeros", "mean", "var", "value", "function"]
@@ -283,7 +318,7 @@ def _values(draw, site, region, saved, values, generator, var_name) -> str:
     if choice == "value":
         return draw(st.sampled_from(["value * 0.5", "-value", "value + 1"]))
     if choice == "function":
-        values[var_name] = torch.tanh
+        values[var_name] = draw(st.sampled_from([torch.tanh, doubled_in_place]))
         return f"${var_name}(value)"
     if choice == "saved":
         return "@" + draw(st.sampled_from(earlier)) + draw(st.sampled_from(["", " * 0.5"]))

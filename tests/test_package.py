@@ -12,6 +12,9 @@ import networkx as nx
 import pytest
 
 import tdhook_fx
+import tdhook_fx.attribution
+import tdhook_fx.latent
+import tdhook_fx.weights
 from tdhook_fx.contexts import HookingContext, HookingContextFactory
 from tdhook_fx.modules import HookedModule
 
@@ -90,10 +93,6 @@ def test_every_error_class_lives_in_errors_and_derives_from_tdhook_fx_error():
 
 
 def _methods():
-    import tdhook_fx.attribution
-    import tdhook_fx.latent
-    import tdhook_fx.weights
-
     for package in (tdhook_fx.attribution, tdhook_fx.latent, tdhook_fx.weights):
         for info in pkgutil.walk_packages(package.__path__, package.__name__ + "."):
             importlib.import_module(info.name)

@@ -13,6 +13,7 @@ from tensordict import TensorDictBase
 
 from tdhook_fx.attribution.gradients import GradientAttribution
 from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.execution import ExecutionSpec, GradientMode
 
 
 class ActivationMaximisation(GradientAttribution):
@@ -47,6 +48,11 @@ class ActivationMaximisation(GradientAttribution):
         self._n_steps = n_steps
         self._min_value = min_value
         self._max_value = max_value
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's: one pass per step, with gradients."""
+        return ExecutionSpec(model_passes=self._n_steps, gradient_mode=GradientMode.REQUIRED)
 
     def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         working = td.select(*hooked.interface.in_keys, *self._additional_init_keys).clone(recurse=False)

@@ -30,6 +30,7 @@ from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.compiler.capture.sites import SiteTable
 from tdhook_fx.compiler.resolve import match_sites
 from tdhook_fx.errors import InvalidArgument, MissingInputKey, TdhookFxError
+from tdhook_fx.execution import ExecutionSpec, GradientMode
 from tdhook_fx.methods.context import HookingContextFactory, check_no_overlap
 from tdhook_fx.methods.interface import ModelInterface
 from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult
@@ -59,7 +60,8 @@ class GradientAttribution(HookingContextFactory):
       `(attribution_key, path)`. A path is a site of the DSL: a module path (`transformer.h[0].mlp`)
       or a port of it (`transformer.h.0.attn:out.0`).
     - `init_attr_grads(targets, additional)`: the gradients the targets start from (ones).
-    - `additional_init_keys`: TensorDict keys passed to the `init_*` callbacks.
+    - `additional_init_keys`: TensorDict keys passed to the `init_*` callbacks; they may be model
+      inputs too (an attention mask passed once), never model outputs.
     - `output_grad_callbacks`: {path: callback(module, grad_output, value, direction)} replacing
       the gradient at a module's output (tdhook's `bwd_pre` setting hook), compiled as `set grad`.
     - `clean_intermediate_keys=False` also writes `("_mod_in", key)`, `("_mod_out", key)` and
@@ -110,11 +112,13 @@ class GradientAttribution(HookingContextFactory):
     # ---- the method protocol ------------------------------------------------------------------
 
     def check(self, interface: ModelInterface) -> None:
-        check_no_overlap(
-            self._additional_init_keys,
-            interface.in_keys + interface.out_keys,
-            "Additional init keys must not be in the in_keys or out_keys",
-        )
+        # an in_key may also be an additional key (an attention mask the targets need): it is read, never written
+        check_no_overlap(self._additional_init_keys, interface.out_keys, "Additional init keys must not be in the out_keys")
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's: gradients are required (one pass of the model)."""
+        return ExecutionSpec(gradient_mode=GradientMode.REQUIRED)
 
     def hooked_keys(self, interface: ModelInterface) -> tuple[list, list]:
         """The model inputs' keys (what the metrics perturb), and the keys the method writes."""
@@ -132,6 +136,7 @@ class GradientAttribution(HookingContextFactory):
         """The statements this method compiles into the model for inputs whose sites are `table`."""
         found = AttributionProgram()
         builder = found.builder
+        self.add_rewrites(hooked, table, builder)
         named = []  # the sites the program names (a `stop` may follow the last of them)
         for path in self._input_modules:
             site = _one_site(table, path, "input_modules")
@@ -151,6 +156,10 @@ class GradientAttribution(HookingContextFactory):
         if not self._use_outputs and named:  # nothing after the last named site is needed: cut the graph there
             builder.add(ast.Stop(dsl_site(table, max(named, key=lambda s: s.order))))
         return found
+
+    def add_rewrites(self, hooked, table: SiteTable, builder: ProgramBuilder) -> None:
+        """Statements that change the model's backward before anything reads it (LRP's rules): a
+        module's `save grad` then sees what reaches its output, before its own rule."""
 
     def add_statements(self, hooked, table: SiteTable, builder: ProgramBuilder) -> None:
         """Statements a method adds to the program (guided backpropagation's gradient clamps)."""
@@ -236,16 +245,32 @@ class GradientAttribution(HookingContextFactory):
         return keys
 
     def _targets(self, interface, program: AttributionProgram, outputs, saved: dict, shape: tuple, additional) -> TensorDictBase:
+        """The targets from one pass's flat results (batch dims merged), shaped `shape`."""
+        values = self._target_values(interface, program, outputs, saved, lambda value: _unflatten(value, shape))
+        return self._select_targets(values, shape, additional)
+
+    def _target_values(self, interface, program: AttributionProgram, outputs, saved: dict, shaped: Callable) -> dict:
+        """The model outputs (by out_key) and target-module outputs (by path), each passed through `shaped`."""
         values = {}
         if self._use_outputs:
-            values.update({k: _unflatten(o, shape) for k, o in zip(interface.out_keys, outputs)})
+            values.update({k: shaped(o) for k, o in zip(interface.out_keys, outputs)})
         for path, name in program.targets.items():
-            values[path] = _unflatten(saved[name], shape)
+            values[path] = shaped(saved[name])
+        return values
+
+    def _select_targets(self, values: dict, shape: tuple, additional) -> TensorDictBase:
+        """`init_attr_targets` applied to the values (batch `shape`); it must keep that batch."""
         targets = TensorDict(values, batch_size=shape)
         if self._init_attr_targets is not None:
             targets = self._init_attr_targets(targets, additional)
             if not isinstance(targets, TensorDictBase):
                 raise InvalidArgument("init_attr_targets function must return a TensorDict")
+            if tuple(targets.batch_size) != tuple(shape):
+                raise InvalidArgument(
+                    f"init_attr_targets returned a TensorDict of batch size {list(targets.batch_size)}; it was given "
+                    f"batch size {list(shape)} and must keep it (one target per example)\n"
+                    "  hint: return TensorDict(..., batch_size=outputs.batch_size)"
+                )
         return targets
 
     def _module_grad_inputs(self, program: AttributionProgram, activations: dict, deltas: dict, shape: tuple, additional) -> dict:

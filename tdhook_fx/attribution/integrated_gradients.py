@@ -13,6 +13,7 @@ from tdhook_fx.attribution.gradients import GradientAttribution, _flatten
 from tdhook_fx.attribution.quadrature import quadrature
 from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.errors import InvalidArgument, MissingInputKey
+from tdhook_fx.execution import ExecutionSpec, GradientMode
 
 
 class IntegratedGradients(GradientAttribution):
@@ -26,7 +27,9 @@ class IntegratedGradients(GradientAttribution):
       f(input) - f(baseline)).
     - `compute_convergence_delta`: writes `convergence_delta` = sum of the attributions minus
       (F(input) - F(baseline)), F being the targets summed (one more forward pass, on the
-      inputs and the baselines together, without gradients).
+      inputs and the baselines together, without gradients). `init_attr_targets` sees batch
+      `(*batch, n_steps)` in both passes (tdhook gives the endpoints `(*batch,)`, which turns a
+      target written for the path silently wrong).
     - Several targets (several keys from `init_attr_targets`) are attributed together, as
       their sum, in the same single pass (tdhook's semantics); with `per_target=True` each gets
       its own attribution `(attr, target, key)` (and `("convergence_delta", target)`), still
@@ -51,6 +54,12 @@ class IntegratedGradients(GradientAttribution):
         alphas, step_sizes = quadrature(method, n_steps)
         self._alphas = torch.tensor(alphas, dtype=torch.float64)  # cast per input: the same rounding as from floats
         self._step_sizes = torch.tensor(step_sizes, dtype=torch.float64)
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's count: the convergence delta costs two more passes there (one here)."""
+        passes = 3 if self._compute_convergence_delta else 1
+        return ExecutionSpec(model_passes=passes, gradient_mode=GradientMode.REQUIRED)
 
     def hooked_keys(self, interface) -> tuple[list, list]:
         in_keys, out_keys = super().hooked_keys(interface)
@@ -100,9 +109,15 @@ class IntegratedGradients(GradientAttribution):
 
     def _target_sums(self, hooked, td, attributed, batch, additional) -> list[dict]:
         """[F(baseline), F(input)] per target (summed over its features), from one forward pass
-        on both (no gradients)."""
+        on both (no gradients).
+
+        `init_attr_targets` sees the endpoints in the layout it saw along the path, batch
+        `(*batch, n_steps)` (each endpoint repeated at every step, a view), so a target written
+        for that layout (labels broadcast over the steps, `n_steps` spelled out) means the same
+        thing in both passes; one step of its result is kept, after checking that the steps agree.
+        """
         interface = hooked.interface
-        nb = len(batch)
+        nb, n = len(batch), self._n_steps
         both = []
         for key in interface.in_keys:
             x = td.get(key)
@@ -114,12 +129,14 @@ class IntegratedGradients(GradientAttribution):
         sums = []
         for half in range(2):
 
-            def part(value: torch.Tensor, half=half) -> torch.Tensor:
-                return value.chunk(2)[half] if nb else value[half]
+            def along_path(value: torch.Tensor, half=half) -> torch.Tensor:
+                value = value.chunk(2)[half] if nb else value[half]
+                value = value.reshape(*batch, *value.shape[1 if nb else 0 :])
+                return value.unsqueeze(nb).expand(*batch, n, *value.shape[nb:])
 
-            halves = {k: part(v) for k, v in saved.items()}
-            targets = self._targets(interface, program, [part(o) for o in outputs], halves, batch, additional)
-            sums.append({k: _feature_sum(targets.get(k), nb) for k in targets.keys(True, True)})
+            values = self._target_values(interface, program, outputs, saved, along_path)
+            targets = self._select_targets(values, (*batch, n), additional)
+            sums.append({k: _feature_sum(_one_step(targets.get(k), k, nb), nb) for k in targets.keys(True, True)})
         return sums
 
     def _baseline(self, td, key, like: torch.Tensor) -> torch.Tensor:
@@ -158,6 +175,20 @@ def _labelled(outputs, additional, selected_out_keys, label_key="label"):
 
 
 IntegratedGradients.init_attr_targets_with_labels = staticmethod(_labelled)
+
+
+def _one_step(value: torch.Tensor, key, batch_dims: int) -> torch.Tensor:
+    """The target at the first of `n_steps` identical points; refused where the steps disagree
+    (a target that mixes the steps, e.g. normalises over them, has no convergence delta)."""
+    first = value.select(batch_dims, 0)
+    scale = first.abs().max() if first.numel() else 0
+    if not torch.allclose(value, first.unsqueeze(batch_dims).expand_as(value), rtol=1e-5, atol=1e-6 * float(scale), equal_nan=True):
+        raise InvalidArgument(
+            f"init_attr_targets gives the target {key!r} different values at identical points of the path: "
+            f"it mixes the n_steps points (batch dim {batch_dims}), so the convergence delta is undefined\n"
+            "  hint: compute each target from its own point only, e.g. outputs['output'][..., label]"
+        )
+    return first
 
 
 def _feature_sum(x: torch.Tensor, batch_dims: int) -> torch.Tensor:

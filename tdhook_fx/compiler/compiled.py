@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import reprlib
 import threading
 import weakref
 
@@ -167,26 +168,32 @@ class CompiledModule(nn.Module):
         """Set runtime values (`$name`) shared by every call; a TensorDict key of the same name wins.
 
         Tensors are stored as buffers, so changing them needs no recompilation; a Python
-        function (for `$f(...)` or `patch ... with $f`) is kept as it is.
+        function (for `$f(...)` or `patch ... with $f`) is kept as it is. A later bind of a name
+        replaces the earlier value, function or tensor. Raises `BindingError` for a value that
+        is neither a function nor convertible to a tensor with data (a str, None, a meta tensor).
         """
-        for name, value in values.items():
+        for name in values:
             if name not in self.runtime_names:
                 raise BindingError(_unknown_name(name, self.runtime_names))
-            if callable(value):
+        values = {name: runtime_value(name, value) for name, value in values.items()}  # all checked, then bound
+        for name, value in values.items():
+            if not isinstance(value, torch.Tensor):
                 self._functions[name] = value
+                if name in self._bound:
+                    del self._buffers[self._bound.pop(name)]
                 continue
-            tensor = torch.as_tensor(value)
+            self._functions.pop(name, None)
             buffer = f"bound_{name}"
             if name in self._bound:
-                getattr(self, buffer).data = tensor
+                getattr(self, buffer).data = value
             else:
-                self.register_buffer(buffer, tensor)
+                self.register_buffer(buffer, value)
                 self._bound[name] = buffer
         return self
 
     def _runtime(self, name: str, given) -> torch.Tensor:
         if given is not None:
-            return given if callable(given) else torch.as_tensor(given)
+            return runtime_value(name, given)
         if name in self._functions:
             return self._functions[name]
         if name in self._bound:
@@ -225,6 +232,20 @@ class CompiledModule(nn.Module):
         from tdhook_fx.shipping.draw import draw
 
         return draw(self, path, **options)
+
+    def generate(self, inputs, max_new_tokens: int | None = None, **generation_kwargs):
+        """Generate text with this program applied at every position the model computes (a KV cache).
+
+        `inputs`: a TensorDict holding the in_keys (token ids, and an attention mask for left
+        padding) and any runtime values, or the token ids. `generation_kwargs` are
+        `model.generate`'s (greedy, `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`,
+        `pad_token_id`, `attention_mask`, `output_logits`, `output_scores`), plus `compile=True`
+        (or a dict of `torch.compile` options) to run the decoding step under `torch.compile`.
+        Returns a TensorDict with "sequences" and ("saved", name); see `tdhook_fx.generation`.
+        """
+        from tdhook_fx.generation.calls import generate_compiled
+
+        return generate_compiled(self, inputs, max_new_tokens, **generation_kwargs)
 
     # ---- calling ------------------------------------------------------------------------------
 
@@ -488,6 +509,30 @@ class CompiledModule(nn.Module):
 def _variant_key(model: nn.Module, captured: Capture, inputs: tuple) -> tuple:
     """A variant's cache key: the model's state and the inputs' (as the capture cache keys them)."""
     return captured.plan.in_keys, captured.plan.out_keys, captured.frontend, state_key(model, inputs)
+
+
+def runtime_value(name: str, value):
+    """`value` for `$name`: a function as it is, anything else as a tensor that holds data.
+
+    Raises `BindingError` naming the value where it is neither (a str, None, 2**70, a meta tensor).
+    """
+    if callable(value) and not isinstance(value, torch.Tensor):
+        return value
+    if not isinstance(value, torch.Tensor):
+        try:
+            value = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise BindingError(
+                f"${name} cannot be {reprlib.repr(value)} (of type {type(value).__name__}): {error}\n"
+                "  hint: a runtime value is a tensor, a number (or a nested list of them) that torch "
+                "can hold, or a function"
+            ) from None
+    if value.is_meta:
+        raise BindingError(
+            f"${name} is a meta tensor of shape {tuple(value.shape)}: it has a shape but no values\n"
+            "  hint: pass a tensor with data, on the device the model runs on"
+        )
+    return value
 
 
 def _get(td: TensorDictBase, key, what: str) -> torch.Tensor:

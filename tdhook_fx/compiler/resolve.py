@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import math
+import operator
 import re
 from dataclasses import dataclass
 
@@ -18,10 +19,12 @@ from torch import nn
 
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
 from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values
+from tdhook_fx.compiler.rules import rule_problem_at
 from tdhook_fx.compiler.shapes import broadcasts_to, indexed_shape
-from tdhook_fx.errors import Diagnostic, ResolutionError
+from tdhook_fx.errors import Diagnostic, InvalidPattern, ResolutionError
 from tdhook_fx.syntax import ast
-from tdhook_fx.syntax.parse import parse_site
+from tdhook_fx.syntax.parse import LARGEST_INT, parse_site, source_text, too_deep_diagnostic
+from tdhook_fx.syntax.regex import compile_pattern
 
 DEFAULT_PATCH_SOURCE = "patched"
 _CONTAINERS = (nn.ModuleList, nn.Sequential)
@@ -42,7 +45,7 @@ class _Match:
 
 def resolve(program: ast.Program, sites: SiteTable, text: str | None = None, source: str = "program") -> ResolvedProgram:
     """Resolve `program` against `sites`; raise `ResolutionError` listing every problem."""
-    return _Resolver(sites, text, source).run(program)
+    return _Resolver(sites, None if text is None else source_text(text), source).run(program)
 
 
 def match_sites(
@@ -89,8 +92,13 @@ class _Resolver:
         self.runtime: dict[str, None] = {}
         self.patch_sources: dict[str, None] = {}
         self.stop: Intervention | None = None
+        self.edited: set[str] = set()  # parameters a set/steer edits (a prune must come before)
+        self.ruled: dict = {}  # (module, call) -> its rule statement
 
     def run(self, program: ast.Program) -> ResolvedProgram:
+        deep = ast.too_deep(program)  # a parsed program is checked already; one built by hand is here
+        if deep is not None:
+            raise ResolutionError([too_deep_diagnostic(deep)], self.text, self.source)
         for statement in program.statements:
             try:
                 self._statement(statement)
@@ -114,7 +122,11 @@ class _Resolver:
         if isinstance(statement, ast.Prune):
             self._prune(statement)
             return
-        targets = self._activation_sites(statement.site, many_ok=isinstance(statement, ast.Save))
+        parameters = self._edited_parameters(statement)
+        if parameters is not None:
+            self._parameter_edit(statement, parameters)
+            return
+        targets = self._activation_sites(statement.site, many_ok=isinstance(statement, (ast.Save, ast.Rule)))
         if isinstance(statement, ast.Save) and statement.name is not None and len(targets) > 1:
             raise _Problem(
                 statement.site.span,
@@ -137,6 +149,8 @@ class _Resolver:
                 self.patch_sources[statement.source or DEFAULT_PATCH_SOURCE] = None
                 if statement.function is not None:
                     self.runtime[statement.function.name] = None
+            elif isinstance(statement, ast.Rule):
+                self._rule(statement, site, index)
             elif isinstance(statement, ast.Stop):
                 if self.stop is not None:
                     raise _Problem(
@@ -146,6 +160,12 @@ class _Resolver:
                     )
                 self.stop = intervention
             self.interventions.append(intervention)
+
+    def _rule(self, statement: ast.Rule, site: SiteInfo, index) -> None:
+        problem = rule_problem_at(statement, site, index, self.sites, self.ruled)
+        if problem is not None:
+            raise _Problem(statement.span, *problem)
+        self.ruled[(site.module, site.call)] = statement
 
     def _save(self, statement: ast.Save, site: SiteInfo, index, region) -> None:
         name = statement.name or (f"{site.name}.grad" if statement.grad else site.name)
@@ -164,6 +184,8 @@ class _Resolver:
 
     def _prune(self, statement: ast.Prune) -> None:
         for site in self._parameter_sites(statement.param):
+            if site.name in self.edited:
+                raise _Problem(statement.span, f"{site.name} is edited by an earlier statement", "put the prune first")
             numel = math.prod(site.shape)
             amount = statement.amount
             if not amount.percent and amount.value > numel:
@@ -184,6 +206,33 @@ class _Resolver:
             if isinstance(statement.criterion, ast.Importance):
                 self.runtime[statement.criterion.var.name] = None
             self.interventions.append(Intervention(statement, site))
+
+    def _edited_parameters(self, statement) -> list[tuple[SiteInfo, ast.Index | None]] | None:
+        """For `set`/`steer` whose site names a parameter (`fc.weight`, `fc.weight[0]`): its sites."""
+        if not isinstance(statement, (ast.Set, ast.Steer)) or getattr(statement, "grad", False):
+            return None
+        site = statement.site
+        if site.port is not None or site.call is not None or not isinstance(site.path, ast.Path):
+            return None
+        segments, index = site.path.segments, site.index
+        if index is None and len(segments) > 1 and isinstance(segments[-1], ast.Index):
+            segments, index = segments[:-1], segments[-1]  # `fc.weight[0]`: brackets after a parameter index it
+        if not segments or not isinstance(segments[-1], ast.Attr):
+            return None
+        try:
+            found = self._parameter_sites(ast.Path(tuple(segments), span=site.path.span))
+        except _Problem:
+            return None
+        return [(parameter, index) for parameter in found]
+
+    def _parameter_edit(self, statement, parameters) -> None:
+        """A weight edited where its module uses it (see `passes.parameters`)."""
+        for site, index in parameters:
+            resolved_index = self._index(index, site) if index is not None else None
+            _check_parameter_value(statement.value)
+            self._value(statement.value, site, _region_shape(site, resolved_index), statement)
+            self.edited.add(site.name)
+            self.interventions.append(Intervention(statement, site, resolved_index))
 
     def _check_after_stop(self) -> None:
         if self.stop is None:
@@ -223,6 +272,7 @@ class _Resolver:
                 f"{site.name} holds {str(site.dtype).removeprefix('torch.')} values; this value is not a whole number",
                 "use whole numbers for integer sites (token ids, masks)",
             )
+        _fold(expr, site)
         return shape
 
     def _expr_shape(self, expr, site: SiteInfo, region):
@@ -286,6 +336,13 @@ class _Resolver:
             if isinstance(entry, ast.IntEntry):
                 items.append(entry.value)
             elif isinstance(entry, ast.Slice):
+                if isinstance(entry.step, int) and entry.step <= 0:
+                    raise _Problem(
+                        entry.span,
+                        f"a tensor slice needs a positive step, not {entry.step}",
+                        "torch indexes tensors with positive steps only"
+                        + ("; to reverse a dimension, pass the value through a $f that flips it" if entry.step < 0 else ""),
+                    )
                 bounds = [self._bound(b) for b in (entry.start, entry.stop, entry.step)]
                 items.append(slice(*bounds))
             elif isinstance(entry, ast.EllipsisEntry):
@@ -396,7 +453,7 @@ class _Resolver:
         )
 
     def _regex_modules(self, path: ast.RegexPath) -> list[_Match]:
-        pattern = re.compile(path.pattern)
+        pattern = _pattern(path)
         names = [n for n in self.modules if n and pattern.search(n)]
         if not names:
             raise _Problem(path.span, f"/{path.pattern}/ matches no module name")
@@ -455,6 +512,8 @@ class _Resolver:
         elif isinstance(entry, ast.SetEntry):
             chosen = [self._position(v, len(children), match.module, segment) for v in entry.values]
         else:
+            if entry.step == 0:
+                raise _Problem(entry.span, "a slice step cannot be 0", "write [::1] (or leave the step out) for every element")
             chosen = positions[slice(entry.start, entry.stop, entry.step)]
         return [prefix + children[i] for i in chosen]
 
@@ -483,7 +542,7 @@ class _Resolver:
     def _parameter_sites(self, param) -> list[SiteInfo]:
         parameters = [s for s in self.sites if s.kind == "param"]
         if isinstance(param, ast.RegexPath):
-            pattern = re.compile(param.pattern)
+            pattern = _pattern(param)
             found = [s for s in parameters if pattern.search(s.name)]
             if not found:
                 raise _Problem(param.span, f"/{param.pattern}/ matches no parameter name")
@@ -509,6 +568,37 @@ class _Resolver:
         if not found:
             raise _Problem(param.span, f"'{param}' matches no parameter")
         return found
+
+
+def _pattern(path: ast.RegexPath):
+    """The selector's pattern, compiled to match in linear time (an AST built by hand is checked here)."""
+    try:
+        return compile_pattern(path.pattern)
+    except InvalidPattern as error:
+        raise _Problem(path.span, error.reason, *error.hints) from None
+
+
+def _check_parameter_value(expr) -> None:
+    """A weight edit is computed before the forward's values: no `@name`, no batch `mean`."""
+    for node in _walk(expr):
+        if isinstance(node, (ast.Saved, ast.Mean)):
+            raise _Problem(
+                node.span,
+                f"'{node}' is a value of the forward pass; a parameter edit takes numbers, runtime values, "
+                "'value' (the weight) and 'zeros'",
+            )
+
+
+def _walk(expr):
+    yield expr
+    if isinstance(expr, ast.Neg):
+        yield from _walk(expr.operand)
+    elif isinstance(expr, ast.BinOp):
+        yield from _walk(expr.left)
+        yield from _walk(expr.right)
+    elif isinstance(expr, ast.Call):
+        for argument in expr.args:
+            yield from _walk(argument)
 
 
 def _check_differentiable(statement, site: SiteInfo) -> None:
@@ -552,6 +642,78 @@ def _region_shape(site: SiteInfo, index) -> tuple | None:
     if has_runtime_values(index):
         return None
     return tuple(indexed_shape(site.shape, index))
+
+
+_FOLD = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
+
+
+def _fold(expr, site: SiteInfo, outermost: bool = True):
+    """The value of `expr` if it is a constant (None otherwise), computed as the rewrite folds it
+    (Python arithmetic, operation by operation); each constant part that reaches torch must be
+    a number the site's dtype holds. Raises `_Problem` where the folding would fail or overflow.
+    """
+    if isinstance(expr, ast.Number):
+        value = expr.value
+    elif isinstance(expr, ast.Neg):
+        value = _fold(expr.operand, site, outermost=False)
+        value = None if value is None else -value
+    elif isinstance(expr, ast.BinOp):
+        left = _fold(expr.left, site, outermost=False)
+        right = _fold(expr.right, site, outermost=False)
+        if expr.op == "/" and right == 0:
+            raise _Problem(expr.span, "division by zero", "a constant divisor cannot be 0")
+        if left is not None and right is not None:
+            value = _FOLD[expr.op](left, right)
+        else:  # one side is a tensor: a constant on the other side goes to torch as it is
+            for part, part_value in ((expr.left, left), (expr.right, right)):
+                if part_value is not None:
+                    _check_fits(part, part_value, site)
+            value = None
+    elif isinstance(expr, ast.Call):  # the function gets constant arguments as Python numbers
+        for argument in expr.args:
+            _fold(argument, site, outermost=False)
+        value = None
+    else:
+        value = None
+    if value is not None:
+        _check_finite(expr, value)
+        if outermost:
+            _check_fits(expr, value, site)
+    return value
+
+
+def _check_finite(expr, value) -> None:
+    if isinstance(value, int) and abs(value) > LARGEST_INT:
+        raise _Problem(
+            expr.span,
+            f"this value is {_magnitude(value)}, too large: whole numbers lie between -(2**63 - 1) and 2**63 - 1",
+            "write one of the numbers as a decimal (2.0 instead of 2) to compute in floating point",
+        )
+    if not math.isfinite(value):
+        raise _Problem(
+            expr.span,
+            f"this value overflows to {value}",
+            "a value must be a finite number (the largest is about 1.8e308)",
+        )
+
+
+def _check_fits(expr, value, site: SiteInfo) -> None:
+    """A constant that torch will cast to the site's dtype must be representable in it."""
+    dtype = site.dtype
+    if dtype.is_complex or dtype == torch.bool:
+        return
+    limits = torch.finfo(dtype) if dtype.is_floating_point else torch.iinfo(dtype)
+    if not limits.min <= value <= limits.max:
+        name = str(dtype).removeprefix("torch.")
+        raise _Problem(
+            expr.span,
+            f"{value:g} does not fit {site.name}, which holds {name} values (from {limits.min:g} to {limits.max:g})",
+            f"use a value within {name}'s range",
+        )
+
+
+def _magnitude(value: int) -> str:
+    return str(value) if len(str(value)) <= 24 else f"about 10**{len(str(abs(value))) - 1}"
 
 
 def _is_fractional(expr) -> bool:

@@ -3,7 +3,8 @@
 `SteeringVectors(["transformer.h.1.mlp"], steer_fn)` compiles to
 `set transformer.h.1.mlp = $steer_fn_0(value)`, where `$steer_fn_0` calls
 `steer_fn(module_key="transformer.h.1.mlp", output=value)` inside the rewritten graph (a
-return value of None keeps the output). One statement per module call.
+return value of None keeps the output). One statement per module call. A `Target` entry gives
+`steer_fn` its selected units only (`set M[..., 2:3] = $steer_fn_0(value)`), as tdhook does.
 
 `ActivationAddition(["transformer.h.1.mlp"])` compiles `save` statements (cut short by a
 `stop` after the last one, since nothing later is needed), runs them on the positive and on
@@ -19,32 +20,45 @@ from tensordict import TensorDict, TensorDictBase
 from tensordict.utils import NestedKey
 
 from tdhook_fx.compiler.capture import join_keys
+from tdhook_fx.execution import ExecutionSpec
 from tdhook_fx.methods.context import HookingContextFactory, OnePassMethod
 from tdhook_fx.methods.interface import never_called
 from tdhook_fx.methods.paths import refer
 from tdhook_fx.methods.programs import ProgramBuilder
-from tdhook_fx.methods.reads import add_read, add_replace, dsl_site
+from tdhook_fx.methods.reads import Read, add_read, add_replace, dsl_site
+from tdhook_fx.methods.targets import selected_read, target_output
 from tdhook_fx.syntax import ast
+from tdhook_fx.targets import Target, activation_target
 
 
 class SteeringVectors(OnePassMethod):
     """Replace each module's output by `steer_fn(module_key=path, output=output)`."""
 
-    def __init__(self, modules_to_steer: list[str], steer_fn: Callable):
+    def __init__(self, modules_to_steer: list[str | Target], steer_fn: Callable):
         super().__init__()
-        self._modules_to_steer = list(modules_to_steer)
+        self._targets = [activation_target(entry, argument="modules_to_steer") for entry in modules_to_steer]
+        self._modules_to_steer = [path for path, _ in self._targets]
         self._steer_fn = steer_fn
 
     def build(self, hooked, builder, table, td):
         interface = hooked.interface
-        for path in self._modules_to_steer:
+        for path, target in self._targets:
             ref = refer(interface.root, interface.model, path)
 
             def steer(output, _key=path):
                 return self._steer_fn(module_key=_key, output=output)
 
             for call in range(table.calls(ref.name)):
-                add_replace(builder, table, path, ref.name, call, steer, prefix="steer_fn")
+                if target is None:
+                    add_replace(builder, table, path, ref.name, call, steer, prefix="steer_fn")
+                    continue
+                _, site = target_output(builder, table, ref.name, ref.module, target, call)  # the units only
+
+                def steer_units(units, _steer=steer):
+                    replaced = _steer(units)
+                    return units if replaced is None else replaced
+
+                builder.add(ast.Set(site, builder.call(steer_units, "steer_fn", ast.SiteValue())))
 
 
 class ActivationAddition(HookingContextFactory):
@@ -55,7 +69,7 @@ class ActivationAddition(HookingContextFactory):
 
     def __init__(
         self,
-        modules_to_steer: list[str],
+        modules_to_steer: list[str | Target],
         positive_key: NestedKey = "positive",
         negative_key: NestedKey = "negative",
         steer_key: NestedKey = "steer",
@@ -63,11 +77,17 @@ class ActivationAddition(HookingContextFactory):
         cache_callback: Callable | None = None,
     ):
         super().__init__()
-        self._modules_to_steer = list(modules_to_steer)
+        self._targets = [activation_target(entry, argument="modules_to_steer") for entry in modules_to_steer]
+        self._modules_to_steer = [path for path, _ in self._targets]
         self._positive_key = positive_key
         self._negative_key = negative_key
         self._steer_key = steer_key
         self._cache_callback = cache_callback
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """tdhook's count: two passes of the model (fused into one here where the inputs stack)."""
+        return ExecutionSpec(model_passes=2)
 
     def forward(self, hooked, td: TensorDictBase) -> TensorDictBase:
         interface = hooked.interface
@@ -83,10 +103,8 @@ class ActivationAddition(HookingContextFactory):
             table = hooked.sites(inputs)
             builder = ProgramBuilder()
             reads = []
-            for ref in refs:
-                read = add_read(
-                    builder, table, ref.key, ref.name, ref.module, "fwd", self._cache_callback, key=ref.key
-                )
+            for ref, (_, target) in zip(refs, self._targets):
+                read = self._read(builder, table, ref, target)
                 if read is None:
                     raise never_called(ref.key, "it has no activation to contrast")
                 reads.append(read)
@@ -103,3 +121,20 @@ class ActivationAddition(HookingContextFactory):
             {self._steer_key: TensorDict(vectors, batch_size=[])}, batch_size=[], device=td.device
         )
 
+    def _read(self, builder, table, ref, target: Target | None) -> Read | None:
+        """The module's output (through `cache_callback`), or a Target's units of it (`save M[..., i:j]`)."""
+        cache_callback = self._cache_callback
+        if target is None or cache_callback is None:
+            callback = cache_callback
+        else:
+
+            def callback(**kwargs):
+                return target.select_output(cache_callback(**kwargs))
+
+        if target is None or cache_callback is not None:
+            return add_read(builder, table, ref.key, ref.name, ref.module, "fwd", callback, key=ref.key)
+        calls = table.calls(ref.name)
+        if not calls:
+            return None
+        site, indexed = target_output(builder, table, ref.name, ref.module, target, calls - 1)
+        return selected_read(ref.key, ref.module, site, builder.save(indexed))

@@ -32,6 +32,7 @@ from torch import nn
 
 from tdhook_fx.compiler.capture.sites import SiteTable
 from tdhook_fx.errors import InvalidArgument, MethodUsageError
+from tdhook_fx.execution import ExecutionSpec
 from tdhook_fx.methods.hooked import HookedModule
 from tdhook_fx.methods.interface import ModelInterface
 from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult
@@ -50,6 +51,7 @@ class HookingContext:
         factory.check(self._hooked.interface)
         self._active = False
         self._disabled = False
+        self._generate_redirect: GenerateRedirect | None = None
 
     @property
     def module(self) -> HookedModule:
@@ -73,6 +75,7 @@ class HookingContext:
         except BaseException:
             self._active = False
             raise
+        self._generate_redirect = GenerateRedirect.install(self)
         return self._hooked
 
     def __exit__(self, exc_type, exc, traceback) -> bool:
@@ -80,6 +83,9 @@ class HookingContext:
             self._factory.exit(self._hooked)
         finally:
             self._active = False
+            if self._generate_redirect is not None:
+                self._generate_redirect.remove()
+                self._generate_redirect = None
         return False
 
     def _on_enter(self) -> None:
@@ -88,6 +94,8 @@ class HookingContext:
     @contextmanager
     def disable_hooks(self):
         """Inside this block the hooked module runs the plain model (no method)."""
+        if not self._active:
+            raise MethodUsageError("Cannot disable hooks outside an active context")
         self._disabled = True
         try:
             yield self._hooked
@@ -96,8 +104,57 @@ class HookingContext:
 
     @contextmanager
     def disable(self):
-        """Inside this block, the model itself (nothing to restore: it was never changed)."""
-        yield self._hooked.td_module
+        """Inside this block, the model itself (nothing to restore: it was never changed; its
+        `generate` is the plain one too)."""
+        if not self._active:
+            raise MethodUsageError("Cannot disable a method outside an active context")
+        self._disabled = True
+        try:
+            yield self._hooked.td_module
+        finally:
+            self._disabled = False
+
+
+class GenerateRedirect:
+    """While a context is active, the model's `generate` is the hooked module's.
+
+    tdhook's hooks stay on the model, so `model.generate(...)` inside a tdhook context generates
+    with the method applied. A compiled method never touches the model, so without this the same
+    code would generate unintervened text in silence. For the context's duration the model
+    instance gets a `generate` attribute (removed on exit) that runs `hooked.generate` with
+    Hugging Face's arguments and return types, or raises an error that names `hooked.generate`;
+    inside `disable_hooks()` / `disable()` it is the model's own `generate`.
+    """
+
+    _ABSENT = object()
+
+    def __init__(self, context: HookingContext, model: nn.Module):
+        self._context = context
+        self._model = model
+        self._previous = model.__dict__.get("generate", self._ABSENT)
+
+    @classmethod
+    def install(cls, context: HookingContext) -> GenerateRedirect | None:
+        model = context.module.interface.model
+        if not callable(getattr(type(model), "generate", None)):
+            return None  # not a model that generates
+        redirect = cls(context, model)
+        model.__dict__["generate"] = redirect
+        return redirect
+
+    def __call__(self, *args, **kwargs):
+        if self._context.disabled:
+            return type(self._model).generate(self._model, *args, **kwargs)
+        from tdhook_fx.generation.methods import model_generate
+
+        return model_generate(self._context.module, args, kwargs)
+
+    def remove(self) -> None:
+        if self._model.__dict__.get("generate") is self:
+            if self._previous is self._ABSENT:
+                del self._model.__dict__["generate"]
+            else:
+                self._model.__dict__["generate"] = self._previous
 
 
 class HookingContextWithCache(HookingContext):
@@ -112,10 +169,15 @@ class HookingContextWithCache(HookingContext):
     def cache(self) -> TensorDictBase:
         return self._cache
 
+    def clear(self) -> None:
+        """Empty the cache (a locked or memory-mapped one refuses: its entries are preallocated)."""
+        if self._cache.is_locked:
+            raise InvalidArgument("locked or memory-mapped caches require clear_cache=False")
+        self._cache.clear()
+
     def _on_enter(self) -> None:
         if self._clear_cache:
-            for key in list(self._cache.keys()):
-                del self._cache[key]
+            self.clear()
 
 
 class HookingContextFactory(ABC):
@@ -135,9 +197,14 @@ class HookingContextFactory(ABC):
 
     # ---- the protocol -----------------------------------------------------------------------
 
-    @abstractmethod
     def forward(self, hooked: HookedModule, td: TensorDictBase) -> TensorDictBase:
-        """What `hooked(td)` does while the method is active."""
+        """What `hooked(td)` does while the method is active (the base, as tdhook's: the model as it is)."""
+        return hooked.single_pass(td)
+
+    @property
+    def execution_spec(self) -> ExecutionSpec:
+        """What a call needs from the model runs (tdhook's `ExecutionSpec`; `Workflow` reads it)."""
+        return ExecutionSpec()
 
     def hooked_keys(self, interface: ModelInterface) -> tuple[list, list]:
         """The hooked module's in_keys and out_keys: what a call reads from and writes to the TensorDict."""

@@ -21,6 +21,7 @@ from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.compiler.capture.sites import SiteTable
 from tdhook_fx.errors import MethodUsageError
 from tdhook_fx.methods.interface import ModelInterface
+from tdhook_fx.methods.plain import as_tensordict, is_plain_call, plain_outputs
 from tdhook_fx.methods.programs import ProgramBuilder, ProgramResult, execute, sites_for
 from tdhook_fx.methods.run import HookedModuleRun
 
@@ -108,12 +109,23 @@ class HookedModule(TensorDictModuleBase):
             return None
         return self._method
 
-    def forward(self, tensordict: TensorDictBase, *args, **kwargs) -> TensorDictBase:
+    def forward(self, *args, **kwargs):
+        """`hooked(td)` runs the method on `td` and returns it; `hooked(*tensors)` (or keywords
+        named after the in_keys) returns the model's outputs, as tdhook does."""
         self._check_context()
+        if is_plain_call(args, kwargs):
+            td = as_tensordict(self.in_keys, args, kwargs)
+            return plain_outputs(self._run(td), self._interface.out_keys)
+        return self._run(args[0] if args else kwargs["tensordict"])
+
+    def _run(self, tensordict: TensorDictBase) -> TensorDictBase:
         method = self._active_method
-        if method is not None:
-            return method.forward(self, tensordict)
-        return self.single_pass(tensordict)
+        result = method.forward(self, tensordict) if method is not None else self.single_pass(tensordict)
+        return self.finalize_tensordict(result)
+
+    def finalize_tensordict(self, data: TensorDictBase) -> TensorDictBase:
+        """Publish what the method owns after the call (tdhook's extension point; nothing here)."""
+        return data
 
     # ---- what methods build on --------------------------------------------------------------------
 
@@ -167,6 +179,22 @@ class HookedModule(TensorDictModuleBase):
     def _source_name(self) -> str:
         method = self._active_method
         return f"{type(method).__name__} program" if method is not None else "run program"
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    def generate(self, inputs, max_new_tokens: int | None = None, **generation_kwargs) -> TensorDictBase:
+        """Generate text with the method applied at every position the model computes (a KV cache).
+
+        `inputs`: a TensorDict holding the in_keys (token ids, and an attention mask for left
+        padding) or the token ids; `generation_kwargs` are `model.generate`'s (greedy,
+        `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, ...), plus `compile=True` to
+        run the decoding step under `torch.compile`. Returns a TensorDict with "sequences" and
+        what the method writes (`ActivationCaching`: the cache over the whole sequence). See
+        `tdhook_fx.generation.methods`.
+        """
+        from tdhook_fx.generation.methods import generate_hooked
+
+        return generate_hooked(self, inputs, max_new_tokens, **generation_kwargs)
 
     # ---- run() --------------------------------------------------------------------------------------
 

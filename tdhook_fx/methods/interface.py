@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,6 +10,7 @@ from tensordict import TensorDictBase
 from tensordict.nn import TensorDictModule, TensorDictModuleBase
 from torch import nn
 
+from tdhook_fx._types import is_nested_key
 from tdhook_fx.compiler.capture import join_keys
 from tdhook_fx.compiler.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 from tdhook_fx.errors import InvalidArgument, MethodUsageError, MissingInputKey, TdhookFxError
@@ -41,9 +43,11 @@ class ModelInterface:
         if isinstance(module, TensorDictModule):
             _check_subset(in_keys, module.in_keys, "in_keys")
             _check_subset(out_keys, module.out_keys, "out_keys")
+            _check_selection(module)
             kwargs = getattr(module, "_kwargs", None)
             call_keys = tuple(kwargs) if kwargs else tuple(module.in_keys)
-            return cls(module.module, module, module, tuple(module.in_keys), call_keys, tuple(module.out_keys))
+            model = module.module if isinstance(module.module, nn.Module) else _function_module(module)
+            return cls(model, module, module, tuple(module.in_keys), call_keys, tuple(module.out_keys))
         if isinstance(module, TensorDictModuleBase):
             raise MethodUsageError(
                 f"tdhook_fx compiles plain nn.Modules and TensorDictModules, not a {type(module).__name__}\n"
@@ -72,8 +76,44 @@ class ModelInterface:
 
 def _check_subset(given, available, what: str) -> None:
     for key in given or []:
+        if not is_nested_key(key):
+            raise InvalidArgument(f"{what} must be TensorDict nested keys, got {type(key)}")
         if key not in available:
             raise InvalidArgument(f"Key {key} not in module.{what}")
+
+
+def _check_selection(module: TensorDictModule) -> None:
+    """Outputs selected with `select_out_keys` must be the first ones: a compiled call picks the
+    model's outputs by position."""
+    selected, declared = list(module.out_keys), list(module.out_keys_source)
+    if selected != declared[: len(selected)]:
+        raise MethodUsageError(
+            f"the TensorDictModule selects out_keys {selected} of {declared}; tdhook_fx picks outputs by position, "
+            "so only a leading selection can be compiled\n"
+            "  hint: reset_out_keys() on it, or wrap the model so that the wanted outputs come first"
+        )
+
+
+class _FunctionAsModule(nn.Module):
+    """A plain function that a TensorDictModule wraps, as a module the compiler can capture."""
+
+    def __init__(self, function):
+        super().__init__()
+        self.function = function
+
+    def forward(self, *args, **kwargs):
+        return self.function(*args, **kwargs)
+
+
+_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _function_module(module: TensorDictModule) -> nn.Module:
+    """One `_FunctionAsModule` per TensorDictModule (captures are cached per module object)."""
+    wrapped = _FUNCTIONS.get(module)
+    if wrapped is None or wrapped.function is not module.module:
+        wrapped = _FUNCTIONS[module] = _FunctionAsModule(module.module)
+    return wrapped
 
 
 def never_called(key: str, consequence: str) -> TdhookFxError:

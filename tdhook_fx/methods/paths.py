@@ -16,8 +16,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from tdhook_fx.errors import UnknownModulePath
+from tdhook_fx.errors import InvalidPattern, UnknownModulePath
 from tdhook_fx.syntax import ast
+from tdhook_fx.syntax.regex import compile_pattern
 
 _TOKEN = re.compile(
     r"""
@@ -100,7 +101,7 @@ def _step(root: nn.Module, module: nn.Module, step: str | int, walked: list[str]
     if "module" in children and step in children["module"]._modules:  # a wrapper (TensorDictModule, DDP)
         return children["module"]._modules[step]
     where = ".".join(walked) or "the model"
-    if hasattr(module, step) and isinstance(getattr(module, step), nn.Parameter):
+    if module._parameters.get(step) is not None:  # never getattr: a property must not run
         raise _unknown(root, path, f"{where}.{step} is a parameter, not a module")
     raise _unknown(root, path, f"{where} has no submodule '{step}'")
 
@@ -154,12 +155,15 @@ def match_modules(
     """Every submodule of `base` whose dotted name `re.match`es `pattern` (tdhook's rule).
 
     As in tdhook, the match is anchored at the start only (`"1"` also matches `"10"`: end a
-    pattern with `$`), the root is never matched, and the class filters apply.
+    pattern with `$`), the root is never matched, and the class filters apply. Patterns match
+    in linear time (`tdhook_fx.syntax.regex`: Python's syntax without backreferences or
+    lookarounds), so no pattern can hang on long names.
     """
     try:
-        compiled = re.compile(pattern)
-    except re.error as error:
-        raise UnknownModulePath(f"invalid key pattern {pattern!r}: {error}") from None
+        compiled = compile_pattern(pattern)
+    except InvalidPattern as error:
+        hints = "".join(f"\n  hint: {hint}" for hint in error.hints)
+        raise UnknownModulePath(f"invalid key pattern {pattern!r}: {error.reason}{hints}") from None
     names = module_names(model)
     found = []
     for key, module in base.named_modules():

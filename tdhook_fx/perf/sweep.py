@@ -17,6 +17,16 @@ with the source inputs at `(source, in_key)`, e.g. with `tdhook_fx.reference.run
 
 Chunks are sized to `memory_budget` (bytes per patched run measured on the first one); a
 progress bar (tqdm) shows on sweeps that take more than a couple of seconds.
+
+Over many prompts, streamed in batches, to disk (the on-disk format of `tdhook_fx.collect`):
+
+    stored = tdhook_fx.sweep(model, "transformer.h[*]", loader, path="sweep/", metric=per_prompt_gap, ...)
+    stored["metric"]        # (prompts, sites, positions, ...), memory-mapped
+    stored["site"], stored["position"]   # the names and positions, shared by every prompt
+
+Each batch is swept as above (one capture and graph cut, made on the first batch, serve them
+all); its rows are appended to disk at once, a rerun resumes after the last complete batch, and
+under `torchrun` each process takes its share of the batches (`tdhook_fx.data.stream`).
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from tensordict import NonTensorStack, TensorDict, TensorDictBase
@@ -46,7 +57,7 @@ PROGRESS_DELAY_SECONDS = 2.0
 def sweep(
     model: nn.Module,
     sites: str,
-    inputs: TensorDictBase,
+    inputs,
     *,
     positions: Iterable[int] | None = None,
     dim: int = 1,
@@ -58,7 +69,10 @@ def sweep(
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     chunk_size: int | None = None,
     progress: bool | None = None,
-) -> TensorDict:
+    path=None,
+    batch_size: int | None = None,
+    overwrite: bool = False,
+) -> TensorDictBase:
     """Patch every site matched by `sites` at every position, one patch per run; a metric per pair.
 
     - `sites`: a DSL site selector (`transformer.h[*]`, `/mlp$/`, `blocks.{0,2}.attn:out.0`).
@@ -71,34 +85,116 @@ def sweep(
 
     Returns a TensorDict with batch size [sites, positions]: "metric" (or each out_key),
     "site" (names) and "position". Runs without gradients; the model must be in eval mode.
+
+    With `path`, the prompts are streamed in batches to disk: `inputs` is then an iterable of
+    such TensorDicts (a DataLoader, a list, a generator) or one TensorDict of many prompts cut
+    into `batch_size` (default 32). The metric must give one value per prompt (shape (B, ...)).
+    Returns the memory-mapped result, batch size [prompts]: "metric" (prompts, sites,
+    positions, ...) (or each out_key), and "site" and "position" lists shared by all prompts.
+    Resumption, `overwrite` and `torchrun` work as for `tdhook_fx.collect`.
     """
     if model.training:
         raise TdhookFxError(
             "sweep needs the model in eval mode: batched patched runs must not draw dropout masks "
             "or update batch-norm statistics\n  hint: call model.eval() first"
         )
-    in_keys = list(in_keys or DEFAULT_IN_KEYS)
-    out_keys = list(out_keys or DEFAULT_OUT_KEYS)
+    options = _Options(list(in_keys or DEFAULT_IN_KEYS), list(out_keys or DEFAULT_OUT_KEYS), metric, source, memory_budget, chunk_size)
+    if path is not None:
+        return _sweep_to_disk(model, sites, inputs, positions, dim, frontend, options, path, batch_size, overwrite, progress)
     if not isinstance(inputs, TensorDictBase):
-        raise BindingError("sweep reads its inputs from a TensorDict (target at in_keys, source at (source, in_key))")
-    target = example_inputs(inputs, in_keys)
-    source_inputs = _source_inputs(inputs, source, in_keys)
-    captured, table = capture(model, target, in_keys, out_keys, frontend)
-    swept = _resolve_sites(sites, table)
-    positions = _positions(positions, swept, dim)
-    pieces = cut(captured.graph_module, [s.name for s in swept])
+        raise BindingError(
+            "sweep reads its inputs from a TensorDict (target at in_keys, source at (source, in_key))\n"
+            "  hint: to sweep many batches of prompts, stream them to disk: sweep(..., path='sweep/')"
+        )
+    if batch_size is not None:
+        raise BindingError("batch_size cuts the prompts into batches streamed to disk: pass path=... too")
+    prepared = _Prepared(model, sites, inputs, positions, dim, frontend, options)
+    return _result(prepared.run(inputs, progress), prepared.swept, prepared.positions)
 
-    with torch.no_grad():
-        prefix_outputs = pieces.prefix(*target)
-        source_values = pieces.values_only(*source_inputs)
-        sweeper = _SiteSweep(pieces, inputs, out_keys, metric, memory_budget, chunk_size)
-        with _progress_bar(len(swept) * len(positions), progress) as bar:
-            per_site = []
-            for i, site in enumerate(swept):
-                target_value = prefix_outputs[i]
-                frontier = pieces.frontier_values(site.name, prefix_outputs)
-                per_site.append(sweeper.site(site, target_value, source_values[i], frontier, positions, dim, bar))
-    return _result(per_site, swept, positions)
+
+@dataclass(frozen=True)
+class _Options:
+    in_keys: list
+    out_keys: list
+    metric: Callable | None
+    source: str
+    memory_budget: int
+    chunk_size: int | None
+
+
+class _Prepared:
+    """What every batch of a sweep shares: the model captured on the first one and cut at the sites."""
+
+    def __init__(self, model: nn.Module, sites: str, inputs: TensorDictBase, positions, dim: int, frontend: str, options: _Options):
+        captured, table = capture(model, example_inputs(inputs, options.in_keys), options.in_keys, options.out_keys, frontend)
+        self.swept = _resolve_sites(sites, table)
+        self.positions = _positions(positions, self.swept, dim)
+        self.pieces = cut(captured.graph_module, [s.name for s in self.swept])
+        self.dim = dim
+        self.options = options
+
+    def run(self, inputs: TensorDictBase, progress: bool | None) -> list[list]:
+        """Per site, per position: the metric (or the outputs) of that one patched run on `inputs`."""
+        options, dim = self.options, self.dim
+        target = example_inputs(inputs, options.in_keys)
+        source_inputs = _source_inputs(inputs, options.source, options.in_keys)
+        with torch.no_grad():
+            prefix_outputs = self.pieces.prefix(*target)
+            source_values = self.pieces.values_only(*source_inputs)
+            sweeper = _SiteSweep(self.pieces, inputs, options.out_keys, options.metric, options.memory_budget, options.chunk_size)
+            with _progress_bar(len(self.swept) * len(self.positions), progress) as bar:
+                per_site = []
+                for i, site in enumerate(self.swept):
+                    target_value = prefix_outputs[i]
+                    if target_value.shape[dim] != site.shape[dim]:
+                        raise TdhookFxError(
+                            f"{site.name} has {target_value.shape[dim]} positions along dimension {dim} in this batch "
+                            f"but {site.shape[dim]} in the first: every batch must have the same length there"
+                        )
+                    frontier = self.pieces.frontier_values(site.name, prefix_outputs)
+                    per_site.append(sweeper.site(site, target_value, source_values[i], frontier, self.positions, dim, bar))
+        return per_site
+
+
+def _sweep_to_disk(model, sites, inputs, positions, dim, frontend, options: _Options, path, batch_size, overwrite, progress):
+    """The sweep of every batch of prompts, appended to disk as rows of one prompt each."""
+    from tdhook_fx.data.batches import batch_source
+    from tdhook_fx.data.rows import Rows
+    from tdhook_fx.data.stream import stream_to_disk
+
+    prepared: list[_Prepared] = []  # made on this process's first batch
+
+    def rows_of(batch: TensorDictBase, number: int) -> Rows:
+        if not prepared:
+            prepared.append(_Prepared(model, sites, batch, positions, dim, frontend, options))
+        sweep = prepared[0]
+        per_site = sweep.run(batch, False)
+        rows = TensorDict(batch_size=batch.batch_size)
+        for key, value in _stacked(per_site).items():
+            if value.dim() < 3 or value.shape[2] != batch.batch_size[0]:
+                raise TdhookFxError(
+                    f"batch {number}: the {key} of one patched run has shape {tuple(value.shape[2:])}; streamed to disk, "
+                    f"a sweep stores one row per prompt, so it must start with the {batch.batch_size[0]} prompts of the "
+                    "batch\n  hint: return per-prompt values from the metric (no mean over the batch)"
+                )
+            rows.set(key, value.movedim(2, 0).contiguous())
+        constants = {"site": [s.name for s in sweep.swept], "position": sweep.positions}
+        return Rows(rows, batch.batch_size[0], constants=constants)
+
+    settings = {
+        "what": "sweep",
+        "sites": sites,
+        "positions": None if positions is None else [int(p) for p in positions],
+        "dim": dim,
+        "metric": None if options.metric is None else getattr(options.metric, "__qualname__", type(options.metric).__name__),
+        "source": options.source,
+        "in_keys": [list(k) if isinstance(k, tuple) else k for k in options.in_keys],
+        "out_keys": [list(k) if isinstance(k, tuple) else k for k in options.out_keys],
+        "model": type(model).__qualname__,
+        "batch_size": batch_size,
+    }
+    source = batch_source(inputs, batch_size)
+    return stream_to_disk(source, path, rows_of, settings=settings, overwrite=overwrite, progress=progress, description="patching sweep")
 
 
 # ---- inputs and sites ---------------------------------------------------------------------------
@@ -301,15 +397,19 @@ def _progress_bar(total: int, progress: bool | None):
         yield bar
 
 
+def _stacked(per_site: list[list]) -> dict[str, torch.Tensor]:
+    """"metric" (or each out_key) stacked to (sites, positions, ...)."""
+    first = per_site[0][0]
+    if isinstance(first, dict):
+        return {key: torch.stack([torch.stack([run[key] for run in runs]) for runs in per_site]) for key in first}
+    return {"metric": torch.stack([torch.stack(runs) for runs in per_site])}
+
+
 def _result(per_site: list[list], swept: list[SiteInfo], positions: list[int]) -> TensorDict:
     batch = [len(swept), len(positions)]
     result = TensorDict(batch_size=batch)
-    first = per_site[0][0]
-    if isinstance(first, dict):
-        for key in first:
-            result.set(key, torch.stack([torch.stack([run[key] for run in runs]) for runs in per_site]))
-    else:
-        result.set("metric", torch.stack([torch.stack(runs) for runs in per_site]))
+    for key, value in _stacked(per_site).items():
+        result.set(key, value)
     result.set("position", torch.tensor(positions).expand(*batch).clone())
     result.set("site", NonTensorStack.from_list([[s.name] * len(positions) for s in swept]))
     return result

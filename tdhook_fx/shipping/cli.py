@@ -4,6 +4,7 @@
     tdhook-fx sites MODEL [SELECTOR]               the addressable sites, optionally filtered
     tdhook-fx show MODEL PROGRAM [--full]          resolved sites and the rewritten code
     tdhook-fx run MODEL PROGRAM [--set NAME=VALUE] run on the model's sample input, print stats
+    tdhook-fx collect MODEL PROGRAM OUT [--data DIR] the saved values over a dataset, to OUT (memmap)
     tdhook-fx export MODEL PROGRAM OUT             OUT.pt2: standalone torch.export; else cm.save
     tdhook-fx draw MODEL PROGRAM OUT               OUT.svg / .html / .dot
     tdhook-fx inspect FILE                         what a .pt2 or a saved file holds
@@ -11,7 +12,8 @@
 MODEL is a built-in sample model (`gpt2`, `mlp`, `minilm`; random weights except minilm) or
 `package.module:factory`, a function returning a `tdhook_fx.zoo.Sample` (or a tuple
 `(model, example, in_keys, out_keys)`). PROGRAM is a file, `-` (standard input) or the program
-text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an internal error.
+text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an internal error,
+141 (as for SIGPIPE) when the output's reader went away (`tdhook-fx inspect x.pt2 | head -1`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,11 @@ import torch
 
 from tdhook_fx.compiler.capture import key_name
 from tdhook_fx.errors import CommandLineError, TdhookFxError
+from tdhook_fx.shipping.printable import escaped, escaped_lines
 
 USER_ERROR = 1
 INTERNAL_ERROR = 2
+READER_GONE = 141  # 128 + SIGPIPE, what a shell reports for a writer whose pipe closed
 _PROGRAM_SUFFIXES = (".dsl", ".tdx", ".txt", ".prog")
 
 
@@ -51,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:  # --help, --version
         return int(exit_.code or 0)
     try:
-        return args.command(args) or 0
+        code = args.command(args) or 0
+        sys.stdout.flush()  # here, so that a closed pipe is caught below and not at exit
+        return code
+    except BrokenPipeError:
+        _silence_stdout()
+        return READER_GONE
     except CommandLineError as error:
-        print(f"tdhook-fx: error: {error}", file=sys.stderr)
+        print(f"tdhook-fx: error: {escaped(str(error), keep_newlines=True)}", file=sys.stderr)
         return USER_ERROR
-    except TdhookFxError as error:
-        print(str(error), file=sys.stderr)
+    except TdhookFxError as error:  # messages may quote a file's contents: escaped
+        print(escaped(str(error), keep_newlines=True), file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         return USER_ERROR
@@ -64,6 +73,17 @@ def main(argv: list[str] | None = None) -> int:
         print("tdhook-fx: internal error (a bug; please report it with this traceback):", file=sys.stderr)
         traceback.print_exc()
         return INTERNAL_ERROR
+
+
+def _silence_stdout() -> None:
+    """Point standard output at /dev/null, so that Python's flush at exit does not fail again."""
+    try:
+        descriptor = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (captured in tests): nothing to flush later
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, descriptor)
+    os.close(null)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,6 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     _model_and_program(run)
     _values_option(run)
     run.set_defaults(command=run_command)
+
+    collect = commands.add_parser("collect", help="run a program over a dataset and write its saved values to OUT (memmap)")
+    _collect_options(collect)
+    collect.set_defaults(command=collect_command)
 
     export = commands.add_parser("export", help="write OUT.pt2 (standalone torch.export) or a safe save file")
     _model_and_program(export)
@@ -119,6 +143,25 @@ def _values_option(parser) -> None:
         "--set", dest="values", action="append", default=[], metavar="NAME=VALUE",
         help="a runtime value: a number, or randn/zeros/ones (a vector as wide as its site's last dimension)",
     )
+
+
+def _collect_options(parser) -> None:
+    _model_and_program(parser)
+    parser.add_argument("out", metavar="OUT", help="the directory to write (TensorDict.load_memmap(OUT) reads it)")
+    parser.add_argument(
+        "--data", metavar="DIR",
+        help="a TensorDict saved with td.memmap(DIR) or a Hugging Face dataset saved with save_to_disk "
+        "(default: random inputs shaped like the model's sample)",
+    )
+    parser.add_argument("--examples", type=int, default=256, metavar="N", help="how many random inputs without --data (256)")
+    parser.add_argument("--batch-size", type=int, default=32, metavar="B", help="examples per batch (32)")
+    parser.add_argument("--outputs", nargs="+", default=[], metavar="KEY", help="model outputs or data entries to store too")
+    parser.add_argument("--dtype", help="storage dtype of floating-point values, e.g. bfloat16")
+    parser.add_argument("--mask", metavar="KEY", help="one row per token where this (examples, tokens) entry is nonzero")
+    parser.add_argument("--flatten", action="store_true", help="one row per token (every token)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a collection at OUT made with other settings")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, help="a progress bar (default: on a terminal)")
+    _values_option(parser)
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -183,6 +226,40 @@ def run_command(args) -> int:
     return 0
 
 
+def collect_command(args) -> int:
+    import tdhook_fx
+    from tdhook_fx.data.examples import load_examples, random_examples
+
+    sample, cm = _compiled(args)
+    cm.bind(**runtime_values(cm, args.values))
+    dtype = None
+    if args.dtype is not None:
+        dtype = getattr(torch, args.dtype, None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise CommandLineError(f"--dtype {args.dtype}: not a floating-point torch dtype (e.g. bfloat16, float16)")
+    if args.examples < 1 or args.batch_size < 1:
+        raise CommandLineError("--examples and --batch-size must be at least 1")
+    if args.data is not None:
+        examples, origin = load_examples(Path(args.data)), args.data
+    else:
+        sources = [source for source, _ in cm.patch_inputs]
+        examples, origin = random_examples(sample.example, cm.in_keys, args.examples, sources), "random inputs"
+    stored = tdhook_fx.collect(
+        cm, examples, args.out, outputs=args.outputs, dtype=dtype, mask=args.mask, flatten=args.flatten,
+        batch_size=args.batch_size, progress=args.progress, overwrite=args.overwrite,
+    )
+    rows = stored.batch_size[0]
+    print(f"{args.out}: {rows} row{'s' if rows != 1 else ''} ({args.model} on {origin})")
+    leaves = list(stored.items(include_nested=True, leaves_only=True))
+    width = max((len(".".join(k) if isinstance(k, tuple) else k) for k, v in leaves if hasattr(v, "shape")), default=0)
+    for key, value in leaves:
+        if hasattr(value, "shape"):
+            name = ".".join(key) if isinstance(key, tuple) else key
+            print(f"  {name:<{width}}  {_shape(value[0]) if rows else '-':<12} {_dtype(value)}")
+    print(f"read it with: TensorDict.load_memmap({str(args.out)!r})")
+    return 0
+
+
 def export_command(args) -> int:
     _, cm = _compiled(args)
     cm.bind(**runtime_values(cm, args.values))
@@ -214,7 +291,7 @@ def draw_command(args) -> int:
 def inspect_command(args) -> int:
     path = Path(args.file)
     if not path.is_file():
-        raise CommandLineError(f"no such file: {path}")
+        raise CommandLineError(f"no such file: {escaped(str(path))}")
     if path.suffix == ".pt2":
         from tdhook_fx.shipping.audit import inspect_export
 
@@ -225,15 +302,21 @@ def inspect_command(args) -> int:
 
     manifest = read_manifest(path)
     capture = manifest["capture"]
-    print(f"{path}: a tdhook_fx save file (safetensors: JSON and tensors only, nothing runs on loading)")
-    print(f"  model: {manifest['model']['class']} ({len(manifest['model']['tensors'])} tensors fingerprinted)")
-    print(f"  capture: {capture['frontend']} front end, in_keys {capture['in_keys']}, out_keys {capture['out_keys']}")
-    for line in manifest["program"].splitlines():
-        print(f"  | {line}")
+    lines = [
+        f"{escaped(str(path))}: a tdhook_fx save file (safetensors: JSON and tensors only, nothing runs on loading)",
+        f"  model: {escaped(manifest['model']['class'])} ({len(manifest['model']['tensors'])} tensors fingerprinted)",
+        (
+            f"  capture: {escaped(capture['frontend'])} front end, in_keys {escaped(str(capture['in_keys']))}, "
+            f"out_keys {escaped(str(capture['out_keys']))}"
+        ),
+        *(f"  | {line}" for line in escaped_lines(manifest["program"].rstrip("\n"))),
+    ]
     if manifest["bound"]:
-        print(f"  bound values: {', '.join('$' + name for name in manifest['bound'])}")
+        lines.append(f"  bound values: {', '.join('$' + escaped(name) for name in manifest['bound'])}")
     if manifest["functions"]:
-        print(f"  functions to bind again after loading: {', '.join('$' + f for f in manifest['functions'])}")
+        functions = ", ".join("$" + escaped(f) for f in manifest["functions"])
+        lines.append(f"  functions to bind again after loading: {functions}")
+    print("\n".join(lines))
     return 0
 
 

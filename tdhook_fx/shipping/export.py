@@ -12,9 +12,7 @@ Archives from others are checked before loading by `tdhook_fx.shipping.audit`.
 from __future__ import annotations
 
 import json
-import keyword
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from tdhook_fx.compiler.capture import key_name
+from tdhook_fx.compiler.capture.call_plan import python_name
 from tdhook_fx.compiler.capture.export import dynamic_dims, widen
 from tdhook_fx.errors import ExportError
 
@@ -171,20 +170,11 @@ def _bound_tensors(cm) -> dict[str, torch.Tensor]:
 def _input_names(cm) -> tuple[str, ...]:
     names: list[str] = []
     for key in cm.in_keys:
-        names.append(_identifier(key_name(key), names))
+        names.append(python_name(key_name(key), names))
     by_key = dict(zip(map(key_name, cm.in_keys), names))
     for source, key in cm.patch_inputs:
-        names.append(_identifier(f"{source}_{by_key[key_name(key)]}", names))
+        names.append(python_name(f"{source}_{by_key[key_name(key)]}", names))
     return tuple(names)
-
-
-def _identifier(text: str, taken: list[str]) -> str:
-    name = re.sub(r"\W", "_", text) or "input"
-    if name[0].isdigit() or keyword.iskeyword(name) or name == "self":
-        name = f"_{name}"
-    while name in taken:
-        name += "_"
-    return name
 
 
 def _check_reproduces(cm, program, arguments: tuple) -> None:

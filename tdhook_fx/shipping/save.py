@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -27,16 +28,28 @@ from tdhook_fx.errors import ExportError
 
 FORMAT = "tdhook_fx.saved/1"
 MANIFEST_KEY = "tdhook_fx"
+# Loading compiles the program again on the saved example, which runs the model on it (three
+# times): the example is for tracing, a few rows are enough. Files over these bounds are refused.
+MAX_EXAMPLE_BATCH = 64
+MAX_EXAMPLE_ELEMENTS = 1 << 24
 
 
 def save(cm, path: str | os.PathLike, *, example=None) -> Path:
     """Write `cm` to `path` (a safetensors file; see the module docstring). Returns the path.
 
     `example` (the inputs the module was compiled on) is needed only when `cm` does not
-    remember them.
+    remember them. Loading compiles the program on it again, so it is refused (ExportError)
+    over `MAX_EXAMPLE_BATCH` rows or `MAX_EXAMPLE_ELEMENTS` elements: a few rows are enough.
     """
     safetensors = safetensors_module()
     inputs = cm.example(example)
+    too_large = example_too_large([list(x.shape) for x in inputs])
+    if too_large:
+        raise ExportError(
+            f"the example has {too_large}; the file keeps it to compile the program again when loading, "
+            "which runs the model on it\n"
+            "  hint: a few rows are enough to trace: cm.save(path, example=td[:8])"
+        )
     model = cm.base_model
     tensors: dict[str, torch.Tensor] = {}
     for i, x in enumerate(inputs):
@@ -82,6 +95,17 @@ def save(cm, path: str | os.PathLike, *, example=None) -> Path:
     except OSError as error:
         raise ExportError(f"could not write {path}: {error}") from None
     return path
+
+
+def example_too_large(shapes: list[list[int]]) -> str | None:
+    """What makes an example bigger than loading it should cost (in words), or None."""
+    batch = max((shape[0] for shape in shapes if shape), default=0)
+    if batch > MAX_EXAMPLE_BATCH:
+        return f"a batch of {batch} (at most {MAX_EXAMPLE_BATCH})"
+    elements = sum(math.prod(shape) for shape in shapes)
+    if elements > MAX_EXAMPLE_ELEMENTS:
+        return f"{elements} elements (at most {MAX_EXAMPLE_ELEMENTS})"
+    return None
 
 
 def fingerprint(model: nn.Module, hashes: bool = True) -> dict:

@@ -137,7 +137,8 @@ class Path(Node):
 
 @dataclass(frozen=True)
 class RegexPath(Node):
-    """`/pattern/`: every module whose dotted name matches (`re.search`)."""
+    """`/pattern/`: every module whose dotted name matches (searched as `re.search` does, in linear
+    time: `tdhook_fx.syntax.regex`)."""
 
     pattern: str
     span: Span | None = _span()
@@ -316,7 +317,18 @@ class Stop(Node):
     span: Span | None = _span()
 
 
-Statement = Union[Save, Set, Patch, Steer, Prune, Stop]
+@dataclass(frozen=True)
+class Rule(Node):
+    """`rule SITE = NAME(ARGS)`: relevance through the module at SITE propagates by the LRP rule
+    NAME (tdhook_fx.compiler.rules lists them) with numeric arguments ARGS."""
+
+    site: Site
+    name: str
+    args: tuple[int | float, ...] = ()
+    span: Span | None = _span()
+
+
+Statement = Union[Save, Set, Patch, Steer, Prune, Stop, Rule]
 
 
 @dataclass(frozen=True)
@@ -325,19 +337,39 @@ class Program(Node):
     span: Span | None = _span()
 
 
+# How deeply nodes may nest (each operator, sign, call and bracket is one level). The walkers
+# over a program (printing, resolution, the rewrite, the reference) recurse once per level, so
+# this bound keeps each of them far below Python's recursion limit; `parse` refuses a program
+# that passes it, with the place (`too_deep`).
+MAX_DEPTH = 100
+
+
+def too_deep(node) -> Node | None:
+    """The first node, in source order, nested more than `MAX_DEPTH` levels inside `node`
+    (`node` is level 1), or None. Walks without recursion, so any depth can be checked."""
+    pending = [(node, 1)]
+    while pending:
+        value, depth = pending.pop()
+        if isinstance(value, Node):
+            if depth > MAX_DEPTH:
+                return value
+            children = [getattr(value, name) for name in value.__dataclass_fields__]
+            pending.extend((child, depth + 1) for child in reversed(children))
+        elif isinstance(value, (tuple, list)):
+            pending.extend((item, depth) for item in reversed(value))
+    return None
+
+
 def variables(node) -> list[str]:
     """The names of every runtime value (`$name`) in `node`, in order, without repeats."""
     found: dict[str, None] = {}
-
-    def walk(value):
+    pending = [node]
+    while pending:
+        value = pending.pop()
         if isinstance(value, Var):
             found[value.name] = None
         elif isinstance(value, Node):
-            for name in value.__dataclass_fields__:
-                walk(getattr(value, name))
+            pending.extend(reversed([getattr(value, name) for name in value.__dataclass_fields__]))
         elif isinstance(value, (tuple, list)):
-            for item in value:
-                walk(item)
-
-    walk(node)
+            pending.extend(reversed(value))
     return list(found)

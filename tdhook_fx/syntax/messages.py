@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from lark import Token
 
-VERBS = ("save", "set", "patch", "steer", "prune", "stop")
+VERBS = ("save", "set", "patch", "steer", "prune", "stop", "rule")
 VALUE_WORDS = "a number, $name, @name, zeros, mean, value or $f(...), combined with + - * / and parentheses"
 _NO_PYTHON = (
     f"a value is {VALUE_WORDS}; pass a tensor as $name "
@@ -25,6 +25,7 @@ _EXAMPLES = {
     "steer": "steer transformer.h[0].mlp += $alpha * $v",
     "prune": "prune transformer.h[0].mlp.c_fc.weight 50%",
     "stop": "stop transformer.h[0]",
+    "rule": "rule features[0] = alpha_beta(2, 1)",
 }
 _TERMINAL_WORDS = {
     "NAME": "a name",
@@ -48,7 +49,7 @@ _GROUPS = (
     # (terminals or literal values that make up the group, how many must be there, words)
     ({"NAME", "REGEX", "ESCAPED", "INT", "*", "{", "["}, 3, "a module path"),
     ({"NUMBER", "VAR", "SAVED", "zeros", "mean", "value", "(", "-"}, 3, "a value"),
-    (set(VERBS), 3, "a statement (save, set, patch, steer, prune or stop)"),
+    (set(VERBS), 3, "a statement (save, set, patch, steer, prune, stop or rule)"),
     ({".", "[", "@", ":"}, 2, "more of the site ('.', '[', '@' or ':')"),
 )
 # What may follow a site, by verb: the parser state after a site is shared by all verbs.
@@ -60,6 +61,7 @@ _AFTER_SITE_BY_VERB = {
     "patch": {"from", "with"},
     "prune": {"NUMBER"},
     "stop": set(),
+    "rule": {"="},
 }
 
 

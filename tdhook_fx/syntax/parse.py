@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import re
+import math
 from functools import cache
 
-from lark import Lark, Token, Transformer, v_args
+from lark import Lark, Token, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken, VisitError
+from lark.visitors import Transformer_NonRecursive
 
-from tdhook_fx.errors import Diagnostic, DslSyntaxError, Span
+from tdhook_fx.errors import Diagnostic, DslSyntaxError, InvalidPattern, Span
 from tdhook_fx.syntax import ast
 from tdhook_fx.syntax.grammar_file import grammar_text
 from tdhook_fx.syntax.messages import describe_syntax_error
+from tdhook_fx.syntax.regex import compile_pattern
 
 # Each rule of the grammar (by name or alias) and the AST class it becomes.
 RULE_TO_AST: dict[str, type] = {
@@ -22,6 +24,7 @@ RULE_TO_AST: dict[str, type] = {
     "steer_statement": ast.Steer,
     "prune_statement": ast.Prune,
     "stop_statement": ast.Stop,
+    "rule_statement": ast.Rule,
     "site": ast.Site,
     "regex_path": ast.RegexPath,
     "path_start": ast.Path,
@@ -83,7 +86,14 @@ def parse_site(text: str, *, source: str = "site") -> ast.Site:
     return _parse(text, "site", source)
 
 
+def source_text(text: str) -> str:
+    """`text` as the parser reads it: a byte order mark at the start (some editors write one)
+    becomes a space, so that columns in messages still count it and carets stay in place."""
+    return " " + text[1:] if text.startswith("\ufeff") else text
+
+
 def _parse(text: str, start: str, source: str):
+    text = source_text(text)
     try:
         tree = lark_parser().parse(text, start=start)
     except UnexpectedInput as error:
@@ -91,12 +101,30 @@ def _parse(text: str, start: str, source: str):
             raise _not_a_site(error, text, source) from None
         raise _translate(error, text, source) from None
     try:
-        return _ToAst().transform(tree)
+        node = _ToAst().transform(tree)
     except VisitError as error:
         if isinstance(error.orig_exc, _Invalid):
             diagnostic = error.orig_exc.diagnostic
             raise DslSyntaxError(diagnostic, text, source) from None
         raise
+    deep = ast.too_deep(node)
+    if deep is not None:
+        raise DslSyntaxError(too_deep_diagnostic(deep), text, source)
+    return node
+
+
+def too_deep_diagnostic(node) -> Diagnostic:
+    """The error for a construct nested deeper than `ast.MAX_DEPTH` (found by `ast.too_deep`)."""
+    return Diagnostic(
+        node.span,
+        f"this is nested deeper than {ast.MAX_DEPTH} levels (each operator, sign, call and bracket adds one)",
+        (
+            (
+                "a long sum or product nests one level per term: group its terms in parentheses, "
+                "e.g. (a + b + c) + (d + e + f), so each group nests on its own"
+            ),
+        ),
+    )
 
 
 class _Invalid(Exception):
@@ -171,12 +199,43 @@ def _escaped(token: Token) -> str:
     return text[1:-1] if token.type == "ESCAPED" else text
 
 
+# Whole numbers in a program are what torch indexes, counts and seeds with: 64-bit integers.
+# A larger literal, or a decimal beyond float64 (it would become inf), is refused where it
+# is written, before Python or torch meet it.
+LARGEST_INT = 2**63 - 1
+
+
 def _int(token: Token) -> int:
-    return int(str(token))
+    text = str(token)
+    if len(text.lstrip("-").lstrip("0")) > len(str(LARGEST_INT)) or abs(int(text)) > LARGEST_INT:
+        raise _Invalid(
+            _token_span(token),
+            f"{_shortened(text)} is too large: whole numbers in a program (indices, counts, seeds) "
+            "lie between -(2**63 - 1) and 2**63 - 1",
+        )
+    return int(text)
+
+
+def _number(token: Token) -> int | float:
+    text = str(token)
+    if not any(c in text for c in ".eE"):
+        return _int(token)
+    value = float(text)
+    if math.isinf(value):
+        raise _Invalid(
+            _token_span(token),
+            f"{_shortened(text)} is too large for a number: it would be inf",
+            "the largest number is about 1.8e308 (float32 sites hold up to about 3.4e38)",
+        )
+    return value
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= 24 else f"{text[:12]}... ({len(text)} characters)"
 
 
 @v_args(meta=True)
-class _ToAst(Transformer):
+class _ToAst(Transformer_NonRecursive):  # any depth of tree without recursion; `too_deep` then bounds it
     # ---- statements ----
     def program(self, meta, children):
         return ast.Program(tuple(children), span=_span(meta))
@@ -217,6 +276,10 @@ class _ToAst(Transformer):
     def stop_statement(self, meta, children):
         return ast.Stop(children[0], span=_span(meta))
 
+    def rule_statement(self, meta, children):
+        site, name, *args = children
+        return ast.Rule(site, str(name), tuple(_number(a) for a in args), span=_span(meta))
+
     # ---- sites ----
     def site(self, meta, children):
         path, *rest = children
@@ -231,9 +294,9 @@ class _ToAst(Transformer):
         (token,) = children
         pattern = str(token)[1:-1]
         try:
-            re.compile(pattern)
-        except re.error as error:
-            raise _Invalid(_token_span(token), f"invalid regular expression: {error}") from None
+            compile_pattern(pattern)
+        except InvalidPattern as error:
+            raise _Invalid(_token_span(token), error.reason, *error.hints) from None
         return ast.RegexPath(pattern, span=_span(meta))
 
     def path_start(self, meta, children):
@@ -355,11 +418,6 @@ class _ToAst(Transformer):
         token, *args = children
         function = ast.Var(str(token)[1:], span=_token_span(token))
         return ast.Call(function, tuple(args), span=_span(meta))
-
-
-def _number(token: Token) -> int | float:
-    text = str(token)
-    return float(text) if any(c in text for c in ".eE") else int(text)
 
 
 def _has(children, token_type: str) -> bool:

@@ -2,5 +2,6 @@
 
 from tdhook_fx.weights.adapters import Adapters, HookedModuleWithAdapters
 from tdhook_fx.weights.pruning import Pruning
+from tdhook_fx.weights.task_vectors import TaskVectors
 
-__all__ = ["Adapters", "HookedModuleWithAdapters", "Pruning"]
+__all__ = ["Adapters", "HookedModuleWithAdapters", "Pruning", "TaskVectors"]

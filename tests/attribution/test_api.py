@@ -6,7 +6,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from tdhook_fx import TdhookFxError
+from tdhook_fx import TdhookFxError, zoo
 from tdhook_fx.attribution import (
     ActivationMaximisation,
     GradCAM,
@@ -15,7 +15,6 @@ from tdhook_fx.attribution import (
     Saliency,
 )
 from tdhook_fx.methods.programs import PROGRAMS
-from tdhook_fx import zoo
 from tests.attribution.models import attribute, first_output, inputs, mlp
 
 
@@ -164,8 +163,10 @@ def test_integer_inputs_are_skipped_unless_asked_for(model):
 
 
 def test_errors_name_the_fix(model, td):
-    with pytest.raises(ValueError, match="Additional init keys must not be in the in_keys or out_keys"):
-        Saliency(additional_init_keys=["input"]).prepare(model)
+    with pytest.raises(ValueError, match="Additional init keys must not be in the out_keys"):
+        Saliency(additional_init_keys=["output"]).prepare(model)
+    with pytest.raises(ValueError, match=r"returned a TensorDict of batch size \[\]; it was given batch size \[5\]"):
+        attribute(Saliency(init_attr_targets=lambda t, _: TensorDict(t=t["output"].sum()), additional_init_keys=["input"]), model, td)
     with pytest.raises(TdhookFxError, match="cache_callback is not supported"):
         Saliency(cache_callback=lambda **kw: kw["output"])
     with pytest.raises(TdhookFxError, match="nothing to attribute to"):

@@ -1,12 +1,16 @@
 """IntegratedGradients beyond parity: completeness, batch layouts, several inputs and targets, errors."""
 
+import captum.attr as captum
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from tensordict import TensorDict
 from torch import nn
 
 from tdhook_fx.attribution import IntegratedGradients
 from tdhook_fx.attribution.quadrature import quadrature
+from tdhook_fx.errors import InvalidArgument
 from tests.attribution.models import attribute, first_output
 
 
@@ -67,7 +71,7 @@ def test_targets_see_the_steps_as_a_batch_dim(smooth):
         return first_output(outputs, _)
 
     attribute(IntegratedGradients(init_attr_targets=target, n_steps=7, compute_convergence_delta=True), smooth, with_baseline(torch.randn(4, 5)))
-    assert seen == [(4, 7), (4,), (4,)]  # the path, then F(baseline) and F(input)
+    assert seen == [(4, 7), (4, 7), (4, 7)]  # the path, then F(baseline) and F(input) in the path's layout
 
 
 def test_two_batch_dims_equal_one(smooth):
@@ -151,7 +155,7 @@ def test_per_target_gives_each_target_its_own_attribution_from_one_forward(smoot
 
     kwargs = {"n_steps": 12, "multiply_by_inputs": True, "compute_convergence_delta": True}
     together = attribute(IntegratedGradients(init_attr_targets=three, per_target=True, **kwargs), smooth, with_baseline(x))
-    assert calls == [(4, 12), (4,), (4,)]  # one pass along the path for the three targets
+    assert calls == [(4, 12), (4, 12), (4, 12)]  # one pass along the path for the three targets (then the endpoints)
     for c in range(3):
 
         def single(outputs, _, c=c):
@@ -160,3 +164,106 @@ def test_per_target_gives_each_target_its_own_attribution_from_one_forward(smoot
         alone = attribute(IntegratedGradients(init_attr_targets=single, **kwargs), smooth, with_baseline(x))
         torch.testing.assert_close(together["attr", f"c{c}", "input"], alone["attr", "input"])
         torch.testing.assert_close(together["convergence_delta", f"c{c}"], alone["convergence_delta"])
+
+
+def one_hot_over_the_steps(outputs, additional):
+    """A target written for batch (B, n_steps): each example's label mask broadcast over its steps."""
+    mask = torch.nn.functional.one_hot(additional["label"], 3)[:, None, :]
+    return TensorDict(t=(outputs["output"] * mask).sum(-1), batch_size=outputs.batch_size)
+
+
+def test_a_target_written_for_the_path_gives_captums_delta(smooth):
+    """The endpoints are shown to the target in the path's layout (B, n_steps); shown as (B,),
+    this target broadcast (B, 1, C) against (B, C) and the delta came out as -0.5 (silently)."""
+    x, labels = torch.randn(2, 5), torch.tensor([2, 0])
+    td = with_baseline(x)
+    td["label"] = labels
+    ig = IntegratedGradients(
+        init_attr_targets=one_hot_over_the_steps, additional_init_keys=["label"], n_steps=16,
+        multiply_by_inputs=True, compute_convergence_delta=True,
+    )
+    ours = attribute(ig, smooth, td)
+    theirs, delta = captum.IntegratedGradients(smooth).attribute(
+        x, baselines=torch.zeros_like(x), target=labels, n_steps=16, return_convergence_delta=True
+    )
+    torch.testing.assert_close(ours["attr", "input"], theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["convergence_delta"], delta, rtol=0, atol=1e-5)
+
+
+def test_a_target_that_drops_the_steps_is_refused(smooth):
+    def per_example(outputs, _):  # written for batch (B,): keeps the last step only
+        return TensorDict(t=outputs["output"][:, -1, 0], batch_size=outputs.batch_size[:1])
+
+    with pytest.raises(InvalidArgument, match=r"batch size \[4\]; it was given batch size \[4, 8\]"):
+        attribute(IntegratedGradients(init_attr_targets=per_example, n_steps=8), smooth, with_baseline(torch.randn(4, 5)))
+
+
+def test_a_target_that_mixes_the_steps_has_no_delta(smooth):
+    def centred(outputs, _):  # the output minus its mean over the path: not a function of one point
+        o = outputs["output"][..., 0]
+        return TensorDict(t=o - o.mean(-1, keepdim=True) * torch.linspace(0, 1, o.shape[-1]), batch_size=outputs.batch_size)
+
+    ig = IntegratedGradients(init_attr_targets=centred, n_steps=8, compute_convergence_delta=True)
+    with pytest.raises(InvalidArgument, match="mixes the n_steps points"):
+        attribute(ig, smooth, with_baseline(torch.randn(4, 5)))
+
+
+def test_an_input_may_also_be_an_additional_key():
+    """An attention-style mask is passed once: the model reads it, and so does the target."""
+    torch.manual_seed(22)
+    layer = nn.Linear(4, 4)
+
+    class Masked(nn.Module):
+        def forward(self, x, mask):
+            return (torch.tanh(layer(x)) * mask.unsqueeze(-1)).sum(-1)
+
+    x, mask = torch.randn(3, 6, 4), (torch.rand(3, 6) > 0.3).float()
+    td = TensorDict({"x": x, "mask": mask, ("baseline", "x"): torch.zeros_like(x)}, batch_size=[3])
+    seen = []
+
+    def masked_mean(outputs, additional):
+        seen.append(tuple(additional["mask"].shape))
+        return TensorDict(t=outputs["output"].sum(-1) / additional["mask"].sum(-1, keepdim=True), batch_size=outputs.batch_size)
+
+    ig = IntegratedGradients(
+        init_attr_targets=masked_mean, init_attr_inputs=lambda inputs, _: inputs.select("x"), additional_init_keys=["mask"],
+        n_steps=24, multiply_by_inputs=True, compute_convergence_delta=True,
+    )
+    result = attribute(ig, Masked(), td, in_keys=["x", "mask"])
+    assert seen == [(3, 6)] * 3
+    change = (Masked()(x, mask) - Masked()(torch.zeros_like(x), mask)).sum(-1) / mask.sum(-1)
+    torch.testing.assert_close(result["attr", "x"].sum((1, 2)), change, rtol=0, atol=1e-4)
+    assert result["convergence_delta"].abs().max() < 1e-4
+
+
+@given(
+    batch=st.integers(1, 5), n_steps=st.integers(2, 12), seed=st.integers(0, 2**16),
+    method=st.sampled_from(["gausslegendre", "riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid"]),
+    layout=st.sampled_from(["one-hot over the steps", "gather per step", "index"]),
+)
+def test_the_delta_equals_captums_for_targets_written_for_the_path(smooth, batch, n_steps, seed, method, layout):
+    generator = torch.Generator().manual_seed(seed)
+    x, baseline = torch.randn(batch, 5, generator=generator), torch.randn(batch, 5, generator=generator) * 0.3
+    labels = torch.randint(0, 3, (batch,), generator=generator)
+
+    def target(outputs, additional):
+        o, label = outputs["output"], additional["label"]
+        if layout == "one-hot over the steps":
+            return one_hot_over_the_steps(outputs, additional)
+        if layout == "gather per step":
+            index = label.view(-1, 1, 1).expand(*outputs.batch_size, 1)
+            return TensorDict(t=o.gather(-1, index).squeeze(-1), batch_size=outputs.batch_size)
+        return TensorDict(t=o[torch.arange(len(label)), ..., label], batch_size=outputs.batch_size)
+
+    td = with_baseline(x, baseline)
+    td["label"] = labels
+    ig = IntegratedGradients(
+        init_attr_targets=target, additional_init_keys=["label"], n_steps=n_steps, method=method,
+        multiply_by_inputs=True, compute_convergence_delta=True,
+    )
+    ours = attribute(ig, smooth, td)
+    theirs, delta = captum.IntegratedGradients(smooth).attribute(
+        x, baselines=baseline, target=labels, n_steps=n_steps, method=method, return_convergence_delta=True
+    )
+    torch.testing.assert_close(ours["attr", "input"], theirs, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours["convergence_delta"], delta, rtol=0, atol=1e-5)

@@ -143,4 +143,5 @@ def test_disable_hooks_runs_the_plain_model(mlp):
         with context.disable_hooks():
             plain = hooked(mlp.example.clone())
         cached = hooked(mlp.example.clone())
-    assert "cache" not in plain.keys() and "cache" in cached.keys()
+    # as tdhook: the hooked module still publishes the cache, which the disabled call left empty
+    assert len(plain["cache"].keys()) == 0 and "0" in cached["cache"].keys()

@@ -143,3 +143,99 @@ def test_in_place_change_after_the_site_is_not_seen_by_the_sweep():
         for j, position in enumerate([0, 2]):
             want = reference.run(model, f"patch {site}[:, {position}]", td)["output"]
             torch.testing.assert_close(result["output"][i, j], want)
+
+
+# ---- many prompts, streamed in batches to disk -----------------------------------------------------
+
+
+def prompts(sample, number: int, size: int = 3) -> TensorDict:
+    """Batch `number` of prompts for `sample`, with its source prompts at ("patched", in_key)."""
+    generator = torch.Generator().manual_seed(500 + number)
+    td = TensorDict(batch_size=[size])
+    for key in sample.in_keys:
+        example = sample.example[key]
+        shape = (size, *example.shape[1:])
+        for target in (key, ("patched", key)):
+            td[target] = torch.randint(0, 50, shape, generator=generator)
+    return td
+
+
+def last_token_gap(run):
+    return run["logits"][:, -1, 0] - run["logits"][:, -1, 1]  # one value per prompt
+
+
+def test_streamed_to_disk_equals_one_sweep_per_batch(samples, tmp_path):
+    sample = samples("tiny_transformer")
+    options = dict(positions=[0, 2, 5], metric=last_token_gap, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    batches = [prompts(sample, n) for n in range(3)]
+    stored = sweep(sample.model, "blocks[*]", batches, path=tmp_path / "sweep", **options)
+    assert stored.batch_size == torch.Size([9])
+    assert stored["metric"].shape == (9, 2, 3)
+    assert stored["site"] == ["blocks.0", "blocks.1"] and stored["position"] == [0, 2, 5]
+    for n, td in enumerate(batches):
+        one = sweep(sample.model, "blocks[*]", td, **options)
+        torch.testing.assert_close(stored["metric"][3 * n : 3 * n + 3], one["metric"].movedim(2, 0))
+    again = TensorDict.load_memmap(tmp_path / "sweep")
+    torch.testing.assert_close(again["metric"], stored["metric"])
+    assert again["site"] == ["blocks.0", "blocks.1"]
+
+
+def test_streamed_outputs_and_a_tensordict_of_many_prompts(samples, tmp_path):
+    sample = samples("mlp")
+    td = TensorDict(input=torch.randn(7, 16), batch_size=[7])
+    td["patched", "input"] = torch.randn(7, 16)
+    stored = sweep(sample.model, "{0,2}", td, positions=[1, 4], path=tmp_path / "sweep", batch_size=3)
+    whole = sweep(sample.model, "{0,2}", td, positions=[1, 4])
+    torch.testing.assert_close(stored["output"], whole["output"].movedim(2, 0))
+
+
+def test_a_streamed_sweep_resumes_after_the_last_complete_batch(samples, tmp_path):
+    sample = samples("mlp")
+    batches = [with_source(sample) for _ in range(4)]
+    for n, td in enumerate(batches):
+        td.apply_(lambda x: x + n)
+    runs = []
+
+    def first_output(run):
+        runs.append(1)
+        return run["output"][:, 0]
+
+    def interrupted():
+        yield from batches[:2]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sweep(sample.model, "{0,2}", interrupted(), positions=[0, 1], metric=first_output, path=tmp_path / "sweep")
+    runs.clear()
+    stored = sweep(sample.model, "{0,2}", batches, positions=[0, 1], metric=first_output, path=tmp_path / "sweep")
+    assert len(runs) == 2 * 2 * 2  # only batches 2 and 3: 2 sites x 2 positions each
+    whole = sweep(sample.model, "{0,2}", torch.cat(batches), positions=[0, 1], metric=first_output)
+    torch.testing.assert_close(stored["metric"], whole["metric"].movedim(2, 0))
+
+
+def test_streaming_needs_per_prompt_values_and_a_path(samples, tmp_path):
+    sample = samples("mlp")
+    batches = [with_source(sample)]
+    with pytest.raises(TdhookFxError, match="one row per prompt"):
+        sweep(sample.model, "0", batches, positions=[0], metric=lambda run: run["output"].mean(), path=tmp_path / "a")
+    with pytest.raises(BindingError, match="path="):
+        sweep(sample.model, "0", batches, positions=[0])
+
+
+def test_heatmap_of_a_sweep_in_memory_and_on_disk(samples, tmp_path):
+    pytest.importorskip("matplotlib")
+    from tdhook_fx.plotting import sweep_heatmap
+
+    sample = samples("tiny_transformer")
+    options = dict(positions=[0, 2, 5], metric=last_token_gap, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    batches = [prompts(sample, n) for n in range(2)]
+    stored = sweep(sample.model, "blocks[*]", batches, path=tmp_path / "sweep", **options)
+    figure = sweep_heatmap(stored, chunk=4)  # averaged over the 6 prompts, 4 rows at a time
+    ax = figure.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["blocks.0", "blocks.1"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "2", "5"]
+    torch.testing.assert_close(torch.as_tensor(ax.images[0].get_array()), stored["metric"].mean(0))
+    one = sweep(sample.model, "blocks[*]", batches[0], **options)
+    image = sweep_heatmap(one).axes[0].images[0].get_array()
+    torch.testing.assert_close(torch.as_tensor(image), one["metric"].mean(-1))
+    figure.savefig(tmp_path / "sweep.png")

@@ -16,6 +16,7 @@ steer h[-1].mlp *= 2
 prune fc.weight 50% by random(3) along 0
 prune fc.weight 10 by magnitude
 prune /weight$/ 5% by $scores
+rule features[0] = alpha_beta(2, 1, 1e-6)
 stop h[0]
 """
 

@@ -8,6 +8,7 @@ output classes (Hugging Face `ModelOutput`) and drops outputs nobody asked for.
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import keyword
 import re
@@ -122,13 +123,34 @@ def _picks(output, out_keys) -> tuple:
 def _identifiers(keys) -> tuple[str, ...]:
     names: list[str] = []
     for key in keys:
-        name = re.sub(r"\W", "_", key_name(key).replace(".", "_")) or "input"
-        if name[0].isdigit() or keyword.iskeyword(name):
-            name = f"_{name}"
-        while name in names:
-            name += "_"
-        names.append(name)
+        names.append(python_name(key_name(key), names))
     return tuple(names)
+
+
+# What a generated forward refers to by name: Python's builtins (getattr, slice), the globals
+# torch.fx's generated code imports, and the functions of tdhook_fx it calls (as
+# `tdhook_fx_compiler_passes_ops_fit`). A parameter of that name would hide it. `input`,
+# tdhook's default key, is a builtin that no graph calls: it stays as it is.
+_FX_GLOBALS = {"inf", "nan", "NoneType", "torch", "device", "fx_pytree", "pytree"}
+_RESERVED = {"self", "__debug__", *_FX_GLOBALS, *dir(builtins)} - {"input"}
+
+
+def python_name(text: str, taken=()) -> str:
+    """A valid parameter name for a generated forward, made from `text` (a key), not in `taken`.
+
+    Refuses nothing: each character outside A-Z, a-z, 0-9 and `_` becomes `_` (non-ASCII ones
+    too, as Python would fold some of them into others); a name that is empty, starts with a
+    digit, is a keyword or would hide a name the generated code uses (`self`, builtins,
+    `torch`, `__debug__`) gets a leading `_`; a taken name gets trailing `_`s.
+    """
+    name = re.sub(r"[^A-Za-z0-9_]", "_", text) or "input"
+    while True:
+        if name[0].isdigit() or keyword.iskeyword(name) or name in _RESERVED or name.startswith("tdhook_fx"):
+            name = f"_{name}"
+        elif name in taken:
+            name += "_"
+        else:
+            return name
 
 
 class ModelCall(nn.Module):

@@ -55,7 +55,7 @@ def insert_save_grad(ctx: RewriteContext, intervention: Intervention) -> None:
     def build(value: fx.Node) -> fx.Node:
         if index is None:
             return ctx.call(ops.receive_grad, value, delta, name=f"receive_grad_{name}")
-        return ctx.call(ops.receive_grad_at, value, index, delta, name=f"receive_grad_{name}")
+        return ctx.call(ops.receive_grad_at, value, index, delta, *ctx.where(intervention), name=f"receive_grad_{name}")
 
     _insert_in_chain(ctx, intervention.site.name, build, operands=[])
 
@@ -160,12 +160,12 @@ def compile_rule(expr, index, names: list[str], statement: str, site: str):
     def rule(grad: torch.Tensor, *operands) -> torch.Tensor:
         env = dict(zip(names, operands))
         concrete = substitute(index, lambda name: env["$" + name])
-        region = grad if concrete is None else ops.region(grad, concrete)  # a `$pos` stays a tensor
+        region = grad if concrete is None else ops.region(grad, concrete, statement)  # a `$pos` stays a tensor
         new = evaluate(region, env)
         if isinstance(new, torch.Tensor):
             new = ops.fit(new, region, statement, f"the gradient at {site}")
         new_region = ops.filled(region, new)
-        return new_region if concrete is None else ops.assign(grad, concrete, new_region)
+        return new_region if concrete is None else ops.assign(grad, concrete, new_region, statement)
 
     return rule
 

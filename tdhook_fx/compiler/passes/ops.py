@@ -5,15 +5,24 @@ They are plain, traceable torch code: torch.compile and torch.export trace throu
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from tdhook_fx.compiler.passes.masks import magnitude_mask
 from tdhook_fx.compiler.shapes import broadcasts_to
-from tdhook_fx.errors import BindingError
+from tdhook_fx.errors import BindingError, LayoutWarning
 
 
 def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:
-    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype and device."""
+    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype and device.
+
+    A floating-point value is refused at an integer site (the cast would cut its fractions off,
+    as a constant such as 3.9 is refused when compiling). A value of lower rank whose first size
+    equals the site's first (the batch) size gets a `LayoutWarning` (eagerly; torch.compile
+    traces without it): torch's broadcasting aligns it with the site's last dimensions, not with
+    the batch, so a per-example value of shape (B,) would be added along the features.
+    """
     # Compare ranks first: comparing shapes of different ranks element-wise would compare a
     # batch size with a feature width, a shape guard torch.compile/torch.export would keep.
     same = value.dim() == like.dim() and value.shape == like.shape
@@ -24,12 +33,47 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
             "  hint: the value must broadcast to the site by torch's rules; for a per-example "
             "vector at a (batch, seq, dim) site use shape (batch, 1, dim)"
         )
+    if _is_real(value.dtype) and not _is_real(like.dtype):
+        raise BindingError(
+            f"{statement}: a runtime value of dtype {_name(value.dtype)} cannot go into {site}, which "
+            f"holds {_name(like.dtype)} values: the cast would cut its fractions off\n"
+            "  hint: pass whole numbers as an integer tensor (value.round().long())"
+        )
+    if not same and 0 < value.dim() < like.dim() and not torch.compiler.is_compiling():
+        _warn_if_batch_like(value, like, statement, site)
     return value if value.dtype == like.dtype and value.device == like.device else value.to(like.device, like.dtype)
 
 
+def _is_real(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point or dtype.is_complex
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> None:
+    batch = like.shape[0]
+    if batch > 1 and value.shape[0] == batch:
+        per_example = (batch, *([1] * (like.dim() - value.dim())), *value.shape[1:])
+        warnings.warn(
+            f"{statement}: a runtime value of shape {tuple(value.shape)} at {site}, of shape "
+            f"{tuple(like.shape)}, broadcasts along the site's last {value.dim()} dimension(s), not "
+            f"along the batch, although its first size is the batch size {batch}\n"
+            f"  hint: for one value per example give it shape {per_example}; for a value shared by the "
+            f"batch give it the site's rank: shape {(1,) * (like.dim() - value.dim()) + tuple(value.shape)}",
+            LayoutWarning,
+            stacklevel=2,
+        )
+
+
 def call(function, *args) -> torch.Tensor:
-    """Call a Python function bound as a runtime value (`$f(...)` in a program)."""
-    result = function(*args)
+    """Call a Python function bound as a runtime value (`$f(...)` in a program).
+
+    The function gets its own copies of the tensors: one that changes its input in place
+    changes nothing else (a value saved earlier at the site, the model's own later uses).
+    """
+    result = function(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
     if not isinstance(result, torch.Tensor):
         name = getattr(function, "__name__", type(function).__name__)
         raise BindingError(f"the function {name} bound in the program returned a {type(result).__name__}, not a tensor")
@@ -41,37 +85,38 @@ def filled(like: torch.Tensor, value) -> torch.Tensor:
     return torch.empty_like(like).copy_(value)
 
 
-def assign(x: torch.Tensor, index: tuple, value) -> torch.Tensor:
-    """`x` with `x[index] = value`, without changing `x`."""
+def assign(x: torch.Tensor, index: tuple, value, where: str | None = None) -> torch.Tensor:
+    """`x` with `x[index] = value`, without changing `x`. (`where`: the statement, for errors.)"""
     out = x.clone()
-    _put(out, index, value)
+    _put(out, index, value, where)
     return out
 
 
-def steer_at(x: torch.Tensor, index: tuple, op: str, value) -> torch.Tensor:
+def steer_at(x: torch.Tensor, index: tuple, op: str, value, where: str | None = None) -> torch.Tensor:
     """`x` with `x[index] += value` (or -=, *=), without changing `x`."""
     out = x.clone()
-    part = region(x, index)  # read from x, not out: writing out[index] must not change what backward saved
+    part = region(x, index, where)  # read from x, not out: writing out[index] must not change what backward saved
     _put(out, index, part + value if op == "+=" else part - value if op == "-=" else part * value)
     return out
 
 
-def region(x: torch.Tensor, index: tuple) -> torch.Tensor:
+def region(x: torch.Tensor, index: tuple, where: str | None = None) -> torch.Tensor:
     """`x[index]`, reading integer tensors in the index (runtime positions, `$pos`) as tensors.
 
     Python indexing turns a 0-dim integer tensor into a Python number, which torch.compile
     bakes into the graph: every new position would recompile. Here such an index goes to
     `aten.index` as a tensor instead (the same values), so it stays a graph input.
+    Runtime positions and slice bounds are checked first (`where` names the statement).
     """
-    basic, tensors = _split_index(x, index)
+    basic, tensors = _split_index(x, index, where)
     if tensors is None:
         return x[index]
     return torch.ops.aten.index.Tensor(x[basic], tensors)
 
 
-def _put(out: torch.Tensor, index: tuple, value) -> None:
+def _put(out: torch.Tensor, index: tuple, value, where: str | None = None) -> None:
     """`out[index] = value` in place, with integer tensors in the index read as in `region`."""
-    basic, tensors = _split_index(out, index)
+    basic, tensors = _split_index(out, index, where)
     if tensors is None:
         out[index] = value
         return
@@ -79,13 +124,14 @@ def _put(out: torch.Tensor, index: tuple, value) -> None:
     torch.ops.aten.index_put_(out[basic], tensors, value)  # out[basic] is a view: this writes into out
 
 
-def _split_index(x: torch.Tensor, index: tuple) -> tuple[tuple, list | None]:
+def _split_index(x: torch.Tensor, index: tuple, where: str | None = None) -> tuple[tuple, list | None]:
     """`index` as a basic index (ints, slices) and the tensor indices that follow it.
 
     `x[index] == aten.index(x[basic], tensors)`: each tensor item becomes a full slice in
     `basic` and takes its place in `tensors` (None for the other dimensions that remain), as
     Python's own indexing does it. `(index, None)` when there are no tensors in the index.
     """
+    _check_runtime_index(x, index, where)
     if not any(isinstance(item, torch.Tensor) for item in index):
         return index, None
     items = list(index)
@@ -106,6 +152,58 @@ def _split_index(x: torch.Tensor, index: tuple) -> tuple[tuple, list | None]:
     while tensors and tensors[-1] is None:
         tensors.pop()
     return tuple(basic), tensors
+
+
+def _check_runtime_index(x: torch.Tensor, index: tuple, where: str | None) -> None:
+    """Runtime positions (`[:, $pos]`) must be integers within their dimension, runtime slice
+    bounds (`[$a:$b:$step]`) single integers and steps positive; a `BindingError` says which.
+
+    The values are checked eagerly; while torch.compile traces only the dtypes are (its kernels
+    check the range themselves), so that no position becomes part of a guard.
+    """
+    prefix = f"{where}: " if where else ""
+    after_ellipsis = False
+    for entry, item in enumerate(index, start=1):
+        if item is Ellipsis:
+            after_ellipsis = True
+        elif isinstance(item, torch.Tensor):
+            dim = entry - 1 - len(index) if after_ellipsis else entry - 1
+            _check_position(x, item, dim, f"{prefix}index entry {entry}")
+        elif isinstance(item, slice):
+            for part, bound in zip(("start", "stop", "step"), (item.start, item.stop, item.step)):
+                if isinstance(bound, torch.Tensor):
+                    _check_bound(bound, part, f"{prefix}the {part} of the slice in index entry {entry}")
+
+
+def _check_position(x: torch.Tensor, position: torch.Tensor, dim: int, label: str) -> None:
+    if position.dtype == torch.bool or _is_real(position.dtype):
+        raise BindingError(
+            f"{label} is a runtime position of dtype {_name(position.dtype)}; positions are integers\n"
+            "  hint: pass an integer tensor or a Python int (torch.tensor(3), 3)"
+        )
+    if torch.compiler.is_compiling() or position.numel() == 0:
+        return
+    size = x.shape[dim]
+    outside = (position < -size) | (position >= size)
+    if outside.any():
+        value = int(position[outside].flatten()[0])
+        raise BindingError(
+            f"{label} is a runtime position {value}, out of range for dimension {dim % x.dim()}, of size {size}, "
+            f"in this call\n  hint: positions lie from {-size} to {size - 1} (negative ones count from the end)"
+        )
+
+
+def _check_bound(bound: torch.Tensor, part: str, label: str) -> None:
+    if bound.dim() != 0 or bound.dtype == torch.bool or _is_real(bound.dtype):
+        raise BindingError(
+            f"{label} is a runtime value of shape {tuple(bound.shape)} and dtype {_name(bound.dtype)}; "
+            "a slice bound is one integer\n  hint: pass a Python int or a 0-dim integer tensor (torch.tensor(3))"
+        )
+    if part == "step" and not torch.compiler.is_compiling() and int(bound) <= 0:
+        raise BindingError(
+            f"{label} is {int(bound)}; torch indexes tensors with positive steps only\n"
+            "  hint: pass a step of 1 or more"
+        )
 
 
 def batch_mean(x: torch.Tensor) -> torch.Tensor:
@@ -132,12 +230,12 @@ def receive_grad(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return x + delta.to(x.dtype) if delta.requires_grad else x
 
 
-def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor) -> torch.Tensor:
+def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor, where: str | None = None) -> torch.Tensor:
     """`x` with `delta` added to `x[index]` (`save grad SITE[INDEX]`), without changing `x`."""
     if not delta.requires_grad:
         return x
     out = x.clone()
-    _put(out, index, region(x, index) + delta.to(x.dtype))
+    _put(out, index, region(x, index, where) + delta.to(x.dtype))
     return out
 
 

@@ -24,13 +24,14 @@ def insert_patch(ctx: RewriteContext, intervention: Intervention) -> None:
     old = ctx.current[site]
     index = ctx.index(intervention.index)
     with ctx.after_value(site), ctx.new_nodes() as made:
-        region = old if index is None else ctx.region(old, index)
-        value = patched if index is None else ctx.region(patched, index)
+        where = ctx.where(intervention)
+        region = old if index is None else ctx.region(old, index, where=where)
+        value = patched if index is None else ctx.region(patched, index, where=where)
         function = intervention.statement.function
         if function is not None:
             value = ctx.call(ops.call, ctx.runtime[function.name], region, value, name=function.name)
         value = ctx.call(ops.fit, value, region, intervention.describe(), site, name=f"{source}_{site}")
-        new = value if index is None else ctx.call(ops.assign, old, index, value, name=f"patch_{site}")
+        new = value if index is None else ctx.call(ops.assign, old, index, value, *where, name=f"patch_{site}")
     ctx.replace(site, new, made)
 
 

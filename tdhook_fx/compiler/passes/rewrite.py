@@ -18,9 +18,11 @@ from tdhook_fx.compiler.graphs import detached, fetch_attr, is_impure, readable
 from tdhook_fx.compiler.ir import ResolvedProgram
 from tdhook_fx.compiler.passes.grad import insert_save_grad, insert_set_grad, move_grad_inputs_last
 from tdhook_fx.compiler.passes.meta import INSERTED, SITE
+from tdhook_fx.compiler.passes.parameters import insert_parameter_edit
 from tdhook_fx.compiler.passes.patch import insert_patch
 from tdhook_fx.compiler.passes.prune import insert_prune
 from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
+from tdhook_fx.compiler.passes.rule import insert_rule
 from tdhook_fx.compiler.passes.save import insert_save
 from tdhook_fx.compiler.passes.set_value import insert_set
 from tdhook_fx.compiler.passes.steer import insert_steer
@@ -36,7 +38,9 @@ PASSES = {
     "stop": insert_stop,
     "save_grad": insert_save_grad,
     "set_grad": insert_set_grad,
+    "rule": insert_rule,
 }
+PARAMETER_PASSES = {"set": insert_parameter_edit, "steer": insert_parameter_edit}  # on a parameter site
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,8 @@ class Rewritten:
 def rewrite(capture: Capture, resolved: ResolvedProgram) -> Rewritten:
     ctx = RewriteContext(capture, resolved)
     for intervention in resolved.interventions:
-        PASSES[intervention.kind](ctx, intervention)
+        on_parameter = intervention.site.kind == "param" and intervention.kind in PARAMETER_PASSES
+        (PARAMETER_PASSES if on_parameter else PASSES)[intervention.kind](ctx, intervention)
     return _finish(ctx)
 
 

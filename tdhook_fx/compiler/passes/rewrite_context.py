@@ -11,7 +11,7 @@ from torch import fx
 from tdhook_fx.compiler.capture import Capture
 from tdhook_fx.compiler.capture.taps import is_tap
 from tdhook_fx.compiler.graphs import readable
-from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, substitute
+from tdhook_fx.compiler.ir import Intervention, ResolvedProgram, has_runtime_values, substitute
 from tdhook_fx.compiler.passes import ops
 from tdhook_fx.syntax import ast
 
@@ -79,11 +79,18 @@ class RewriteContext:
     def method(self, method: str, *args, name: str | None = None) -> fx.Node:
         return self.graph.create_node("call_method", method, args, {}, name=readable(name) if name else None)
 
-    def region(self, value: fx.Node, index: tuple, name: str | None = None) -> fx.Node:
+    def region(self, value: fx.Node, index: tuple, name: str | None = None, where: tuple = ()) -> fx.Node:
         """`value[index]`; an index holding runtime values (`$pos`) reads them as tensors (`ops.region`),
-        so that torch.compile does not recompile for every new position."""
-        runtime = any(isinstance(item, fx.Node) for item in index)
-        return self.call(ops.region if runtime else operator.getitem, value, index, name=name)
+        so that torch.compile does not recompile for every new position. `where`: see `where`."""
+        if not any(isinstance(b, fx.Node) for item in index for b in _parts(item)):
+            return self.call(operator.getitem, value, index, name=name)
+        return self.call(ops.region, value, index, *where, name=name)
+
+    @staticmethod
+    def where(intervention: Intervention) -> tuple:
+        """The extra argument of the index ops (`ops.region`, `ops.assign`, ...) that names the
+        statement in their errors, where a runtime value in the index can be wrong at call time."""
+        return (intervention.describe(),) if has_runtime_values(intervention.index) else ()
 
     def replace(self, site: str, new: fx.Node, created: set[fx.Node]) -> None:
         """Make `new` the site's value for everything downstream (except the nodes just made)."""
@@ -132,6 +139,10 @@ class RewriteContext:
     def index(self, index) -> tuple | None:
         """A resolved tensor index with runtime values replaced by their input nodes."""
         return substitute(index, self.runtime.__getitem__)
+
+
+def _parts(item) -> tuple:
+    return (item.start, item.stop, item.step) if isinstance(item, slice) else (item,)
 
 
 def _has_runtime_value(expr) -> bool:

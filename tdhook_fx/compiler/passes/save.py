@@ -11,7 +11,8 @@ def insert_save(ctx: RewriteContext, intervention: Intervention) -> None:
     value = ctx.current[site]
     with ctx.after_value(site), ctx.new_nodes() as made:
         if intervention.index is not None:
-            value = ctx.region(value, ctx.index(intervention.index), name=f"save_{intervention.name}")
+            index = ctx.index(intervention.index)
+            value = ctx.region(value, index, name=f"save_{intervention.name}", where=ctx.where(intervention))
         if ctx.capture.mutates:  # the model may change this tensor in place further on
             value = ctx.method("clone", value, name=f"saved_{intervention.name}")
     ctx.saved[intervention.name] = value

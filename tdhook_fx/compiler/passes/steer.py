@@ -17,10 +17,10 @@ def insert_steer(ctx: RewriteContext, intervention: Intervention) -> None:
     index = ctx.index(intervention.index)
     op = intervention.statement.op
     with ctx.after_value(site), ctx.new_nodes() as made:
-        region = old if index is None else ctx.region(old, index)
+        region = old if index is None else ctx.region(old, index, where=ctx.where(intervention))
         value = ctx.value(intervention.statement.value, region, intervention)
         if index is None:
             new = ctx.call(_OPERATORS[op], old, value, name=f"steer_{site}")
         else:
-            new = ctx.call(ops.steer_at, old, index, op, value, name=f"steer_{site}")
+            new = ctx.call(ops.steer_at, old, index, op, value, *ctx.where(intervention), name=f"steer_{site}")
     ctx.replace(site, new, made)

@@ -4,7 +4,8 @@ r"""Probing: hand each matched module's activation to a probe, after one compile
 "step_type"])` compiles one `save` per matched module that runs; after the pass each probe's
 `step(activation, labels=..., step_type=...)` is called in the order the model computed the
 activations (the order tdhook's hooks fire in). Probes are made when the context is entered,
-one per (module, direction), as tdhook does.
+one per (module, direction), as tdhook does. In a backward direction (`bwd`, `bwd_pre`) a probe
+steps when the caller's backward reaches its module, on tdhook's gradient tuple.
 """
 
 from __future__ import annotations
@@ -72,3 +73,8 @@ class Probing(ModuleReadingMethod):
     def consume(self, hooked, values, result, td, metadata) -> None:
         for value in values:
             self._probes[(value.ref.key, value.direction)].step(value.read.value(result.saved), **metadata)
+
+    def consume_gradient(self, hooked, read, value, metadata) -> None:
+        """A backward direction: the probe gets tdhook's grad_input / grad_output tuple, when the backward
+        reaches the module."""
+        self._probes[(read.ref.key, read.direction)].step(value, **metadata)
