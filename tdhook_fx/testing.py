@@ -138,6 +138,12 @@ statements = st.one_of(
     st.builds(ast.Steer, sites(), st.sampled_from(["+=", "-=", "*="]), expressions()),
     st.builds(ast.Prune, parameter_paths, amounts, criteria, st.one_of(st.none(), st.integers(-3, 3))),
     st.builds(ast.Stop, sites()),
+    st.builds(
+        ast.Rule,
+        sites(),
+        identifiers,
+        st.lists(st.one_of(st.integers(0, 10), st.floats(0, 10, allow_nan=False, allow_infinity=False)), max_size=3).map(tuple),
+    ),
 )
 
 

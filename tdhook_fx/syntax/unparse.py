@@ -117,9 +117,9 @@ def _(node, text) -> str:
 
 
 @_prints("Rule")
-def _(node) -> str:
+def _(node, text) -> str:
     args = "(" + ", ".join(repr(a) for a in node.args) + ")" if node.args else ""
-    return f"rule {unparse(node.site)} = {node.name}{args}"
+    return f"rule {text(node.site)} = {node.name}{args}"
 
 
 # ---- sites ----------------------------------------------------------------------------------
