@@ -26,6 +26,7 @@ from tdhook_fx.compiler.capture.state import (
     state_key,
 )
 from tdhook_fx.compiler.capture.taps import SiteKey, Tapper
+from tdhook_fx.compiler.capture.user_hooks import refuse_user_hooks
 from tdhook_fx.compiler.graphs import mutates
 from tdhook_fx.compiler.lru import LRU
 from tdhook_fx.compiler.sources import generated_code
@@ -81,12 +82,14 @@ def capture(
     An earlier capture of the same model, in the same state (module objects, modes, parameters
     and buffers with their dtypes, devices and shapes; see `state.state_key`) and for inputs of
     the same dtypes, devices and ranks is reused (only the site table, one run of the graph, is
-    made anew), reading the model's tensors of now.
+    made anew), reading the model's tensors of now. A model with hooks of its user on any module
+    is refused (`user_hooks`): the graph would not run them.
     Thread-safe: captures are serialized (`CAPTURE_LOCK`).
     """
     if frontend not in FRONTENDS:
         raise CaptureError(f"unknown front end {frontend!r}; choose one of {FRONTENDS}")
     with CAPTURE_LOCK:
+        refuse_user_hooks(model)  # a graph would not run them
         key = (tuple(in_keys), tuple(out_keys), frontend, state_key(model, inputs))
         per_model = _CACHE.get(model)
         if per_model is None:

@@ -10,7 +10,7 @@ same dtypes, devices and shapes, and inputs of the same dtypes, devices and rank
   path holds the same tensor (tied weights), not by object: `.to()` replaces every floating
   buffer and `load_state_dict(assign=True)` every parameter, with tensors a capture can read as
   well as the old ones (`rebind` points a graph at the model's tensors of now).
-- `guard(model, ...)` is the same check, generated as Python code (a chain of `is` tests, about
+- `guard(model, ...)` is the same check (and that no module got a hook since, see `user_hooks`), generated as Python code (a chain of `is` tests, about
   20 ns each), that a compiled module runs before every call to know that its graph still fits
   the model. How much it checks depends on the graph (see `Follows`).
 """
@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from tdhook_fx.compiler.capture.user_hooks import global_hook_dicts, hook_dicts
 
 
 def state_key(model: nn.Module, inputs: tuple) -> tuple:
@@ -91,6 +93,8 @@ def guard(model: nn.Module, follows: Follows, inputs: tuple) -> Callable[[tuple]
     code = _GuardCode()
     root = code.bind(model.__dict__)
     code.term(f"{root}['training'] is {model.training}")
+    code.no_hooks(model)
+    code.term(f"not ({' or '.join(code.bind(d) for d in global_hook_dicts())})")
     seen: set[int] = set()
     _check_module(code, model, f"{root}['_modules']", f"{root}['_parameters']", f"{root}['_buffers']", "", follows, seen)
     if follows.tensors:
@@ -127,6 +131,7 @@ def _check_module(code, module: nn.Module, modules: str, parameters: str, buffer
         if prefix + name not in follows.live_modes:
             code.term(f"{value}.training is {child.training}")
         if id(child) not in seen:
+            code.no_hooks(child)
             _check_module(
                 code, child, code.bind(child._modules), code.bind(child._parameters), code.bind(child._buffers),
                 f"{prefix}{name}.", follows, seen,
@@ -145,6 +150,11 @@ class _GuardCode:
 
     def term(self, text: str) -> None:
         self.terms.append(text)
+
+    def no_hooks(self, module: nn.Module) -> None:
+        """`module` still has no hooks (one registered after compiling would not run: the call
+        fails the guard, and the capture for the new state refuses the hook)."""
+        self.term(f"not ({' or '.join(self.bind(d) for d in hook_dicts(module))})")
 
     def function(self) -> Callable[[tuple], bool]:
         body = " and ".join(self.terms) or "True"
