@@ -9,6 +9,7 @@ capture crashed (fx's patched `__call__` and export's fake parameters reached it
 from __future__ import annotations
 
 import threading
+import traceback
 
 import pytest
 import torch
@@ -36,7 +37,8 @@ def _in_threads(count: int, work) -> list:
         barrier.wait()
         try:
             results[i] = work(i)
-        except Exception as error:  # noqa: BLE001 - reported by the test
+        except Exception as error:  # noqa: BLE001 - reported by the test, with where it was raised
+            error.add_note("".join(traceback.format_exception(error)))
             results[i] = error
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
@@ -59,7 +61,8 @@ def test_compiling_one_model_from_several_threads(name):
         return program, cm(*inputs)
 
     results = _in_threads(8, work)
-    assert not [r for r in results if isinstance(r, Exception)], results
+    failures = [r for r in results if isinstance(r, Exception)]
+    assert not failures, "\n".join(note for f in failures for note in f.__notes__)
     for program, got in results:
         want = reference.run(sample.model, program, inputs, **keys)
         torch.testing.assert_close(got["saved"]["s"], want[("saved", "s")])

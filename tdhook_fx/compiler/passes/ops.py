@@ -14,6 +14,10 @@ from tdhook_fx.compiler.shapes import broadcasts_to
 from tdhook_fx.errors import BindingError, LayoutWarning
 
 
+FITTED_SIGNATURES = 4096  # (value shape, site shape, dtypes) that passed `fit` silently; then forgotten at once
+_FITTED: set[tuple] = set()
+
+
 def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:
     """`value` checked to broadcast to `like` (the site's value) and cast to its dtype and device.
 
@@ -22,7 +26,11 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
     equals the site's first (the batch) size gets a `LayoutWarning` (eagerly; torch.compile
     traces without it): torch's broadcasting aligns it with the site's last dimensions, not with
     the batch, so a per-example value of shape (B,) would be added along the features.
+    Eagerly, a signature (shapes and dtypes) that passed without a warning is not checked again.
     """
+    eager = not torch.compiler.is_compiling()
+    if eager and (value.shape, like.shape, value.dtype, like.dtype) in _FITTED:  # checked before, silently
+        return value if value.dtype == like.dtype and value.device == like.device else value.to(like.device, like.dtype)
     # Compare ranks first: comparing shapes of different ranks element-wise would compare a
     # batch size with a feature width, a shape guard torch.compile/torch.export would keep.
     same = value.dim() == like.dim() and value.shape == like.shape
@@ -39,8 +47,11 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
             f"holds {_name(like.dtype)} values: the cast would cut its fractions off\n"
             "  hint: pass whole numbers as an integer tensor (value.round().long())"
         )
-    if not same and 0 < value.dim() < like.dim() and not torch.compiler.is_compiling():
-        _warn_if_batch_like(value, like, statement, site)
+    warned = not same and 0 < value.dim() < like.dim() and eager and _warn_if_batch_like(value, like, statement, site)
+    if eager and not warned:  # the checks depend on shapes and dtypes only: once per signature
+        if len(_FITTED) >= FITTED_SIGNATURES:
+            _FITTED.clear()
+        _FITTED.add((value.shape, like.shape, value.dtype, like.dtype))
     return value if value.dtype == like.dtype and value.device == like.device else value.to(like.device, like.dtype)
 
 
@@ -52,7 +63,8 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> None:
+def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> bool:
+    """Warn (and return True) if `value`'s first size is the site's batch size."""
     batch = like.shape[0]
     if batch > 1 and value.shape[0] == batch:
         per_example = (batch, *([1] * (like.dim() - value.dim())), *value.shape[1:])
@@ -65,6 +77,8 @@ def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str,
             LayoutWarning,
             stacklevel=2,
         )
+        return True
+    return False
 
 
 def call(function, *args) -> torch.Tensor:
