@@ -12,6 +12,7 @@ from tdhook_fx.errors import (
     ResolutionError,
     TdhookFxError,
 )
+from tdhook_fx.latent.logit_lens import compile_logit_lens, logit_lens
 from tdhook_fx.perf.sweep import sweep
 from tdhook_fx.shipping.audit import inspect_export, load_export
 from tdhook_fx.shipping.load import load
@@ -29,9 +30,11 @@ __all__ = [
     "TdhookFxError",
     "collect",
     "compile",
+    "compile_logit_lens",
     "inspect_export",
     "load",
     "load_export",
+    "logit_lens",
     "match_sites",
     "parse",
     "sites",

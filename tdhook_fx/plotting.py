@@ -1,5 +1,6 @@
-"""Figures of attributions (a heatmap over an image, tokens coloured by their scores) and of
-patching sweeps (a site x position heatmap).
+"""Figures of attributions (a heatmap over an image, tokens coloured by their scores, each with a
+colour bar) and of activation patching (a site x position heatmap, from any grid of values or
+from a `tdhook_fx.sweep` result).
 
 matplotlib is an optional dependency (`pip install "tdhook_fx[plot]"`). The functions return a
 `matplotlib.figure.Figure` made without pyplot (no global state, any backend, headless):
@@ -73,12 +74,16 @@ def token_attribution(
     cmap: str = "RdBu_r",
     title: str | None = None,
     per_line: int = 12,
+    colorbar: bool = True,
+    label: str = "attribution",
 ):
     """Tokens written in boxes coloured by their scores (red positive, blue negative, centred on 0).
 
-    `scores`: one per token (a (T, D) embedding attribution is summed over D first).
+    `scores`: one per token (a (T, D) embedding attribution is summed over D first). A colour
+    bar (labelled `label`) gives the scale: from -max|score| to +max|score|.
     """
     from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
     values = torch.as_tensor(scores).detach().float().cpu()
@@ -90,8 +95,9 @@ def token_attribution(
     colour = colormaps[cmap]
     norm = Normalize(-limit, limit)
     rows = max(1, -(-len(tokens) // per_line))
-    figure, ax = _axes(ax, size=(min(len(tokens), per_line) * 0.9 + 0.6, rows * 0.6 + (0.5 if title else 0.2)))
-    ax.set_xlim(0, per_line)
+    width = min(len(tokens), per_line) * 0.9 + 0.6 + (1.2 if colorbar else 0)
+    figure, ax = _axes(ax, size=(width, max(rows * 0.6 + (0.5 if title else 0.2), 1.6 if colorbar else 0)))
+    ax.set_xlim(0, max(1, min(len(tokens), per_line)))
     ax.set_ylim(rows, 0)
     ax.axis("off")
     for i, (token, value) in enumerate(zip(tokens, values.tolist())):
@@ -103,6 +109,53 @@ def token_attribution(
         )
     if title:
         ax.set_title(title)
+    if colorbar:
+        figure.colorbar(ScalarMappable(norm=norm, cmap=colour), ax=ax, fraction=0.046, pad=0.04, label=label)
+    return figure
+
+
+def patching_heatmap(
+    values: torch.Tensor,
+    sites: Sequence[str] | None = None,
+    positions: Sequence | None = None,
+    *,
+    ax=None,
+    cmap: str = "RdBu_r",
+    title: str | None = None,
+    colorbar: bool = True,
+    label: str = "metric",
+    xlabel: str = "position",
+    ylabel: str = "site",
+):
+    """A heatmap of patching results: one row per site (or layer), one column per position.
+
+    `values`: (sites, positions), e.g. the logit difference recovered by patching each layer at
+    each position (extra trailing dimensions, such as a batch, are averaged). `sites` and
+    `positions` label the rows and columns (default: their indices; positions may be the
+    prompt's tokens). Colours are centred on 0 (red positive); the colour bar says `label`.
+    """
+    grid = _mean_over_rest(torch.as_tensor(values).detach().float().cpu(), 2)
+    if grid.dim() != 2:
+        raise InvalidArgument(f"patching values must be (sites, positions, ...); got shape {tuple(grid.shape)}")
+    sites = [str(s) for s in (range(grid.shape[0]) if sites is None else sites)]
+    positions = [str(p) for p in (range(grid.shape[1]) if positions is None else positions)]
+    if (len(sites), len(positions)) != tuple(grid.shape):
+        raise InvalidArgument(
+            f"{len(sites)} site and {len(positions)} position labels for values of shape {tuple(grid.shape)}: "
+            "give one label per row and per column"
+        )
+    size = (min(12, max(4.0, 2.5 + 0.45 * len(positions))), min(10, max(2.5, 1.2 + 0.35 * len(sites))))
+    figure, ax = _axes(ax, size=size)
+    limit = float(grid.abs().max()) or 1.0
+    shown = ax.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
+    ax.set_yticks(range(len(sites)), sites, fontsize=8)
+    ax.set_xticks(range(len(positions)), positions, fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if colorbar:
+        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=label)
     return figure
 
 
@@ -126,7 +179,7 @@ def sweep_heatmap(
     values = result.get(key)
     if result.batch_dims == 2:
         grid = _mean_over_rest(values.detach().float(), 2)
-        sites = [result[i, 0]["site"] for i in range(result.batch_size[0])]
+        sites = list(result["site"])
         positions = result["position"][0].tolist()
     elif result.batch_dims == 1:
         total = None
@@ -143,18 +196,7 @@ def sweep_heatmap(
         )
     if tuple(grid.shape) != (len(sites), len(positions)):
         raise InvalidArgument(f"{key!r} does not have one value per site and position: {tuple(grid.shape)}")
-    figure, ax = _axes(ax, size=(min(12, max(4.0, 2.5 + 0.45 * len(positions))), min(10, max(2.5, 1.2 + 0.35 * len(sites)))))
-    limit = float(grid.abs().max()) or 1.0
-    shown = ax.imshow(grid.numpy(), cmap=cmap, vmin=-limit, vmax=limit, aspect="auto")
-    ax.set_yticks(range(len(sites)), sites, fontsize=8)
-    ax.set_xticks(range(len(positions)), [str(p) for p in positions], fontsize=8)
-    ax.set_xlabel("position")
-    ax.set_ylabel("site")
-    if title:
-        ax.set_title(title)
-    if colorbar:
-        figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label=str(key))
-    return figure
+    return patching_heatmap(grid, sites, positions, ax=ax, cmap=cmap, title=title, colorbar=colorbar, label=str(key))
 
 
 def _mean_over_rest(values: torch.Tensor, keep: int) -> torch.Tensor:
@@ -205,4 +247,4 @@ def _channel_dim(x: torch.Tensor) -> int:
     return 0 if x.shape[0] <= x.shape[-1] else 2
 
 
-__all__ = ["image_attribution", "sweep_heatmap", "token_attribution"]
+__all__ = ["image_attribution", "patching_heatmap", "sweep_heatmap", "token_attribution"]

@@ -3,7 +3,8 @@
     result = tdhook_fx.perf.sweep(model, "transformer.h[*]", td, positions=range(32), metric=logit_diff,
                              in_keys=["input_ids"], out_keys=["logits"])
     result["metric"]        # (sites, positions, ...): metric of the run with that one patch
-    result["site"], result["position"]
+    result["site"]          # the swept sites' names, one per row (a list of str)
+    result["position"]      # (sites, positions): the position of each entry
 
 Each (site S, position p) entry equals running `patch S[:, p]` (the index on dimension `dim`)
 with the source inputs at `(source, in_key)`, e.g. with `tdhook_fx.reference.run`, and applying
@@ -37,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
-from tensordict import NonTensorStack, TensorDict, TensorDictBase
+from tensordict import TensorDict, TensorDictBase
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -84,7 +85,8 @@ def sweep(
       entries and that run's `out_keys`, returns a tensor; without it the outputs are returned.
 
     Returns a TensorDict with batch size [sites, positions]: "metric" (or each out_key),
-    "site" (names) and "position". Runs without gradients; the model must be in eval mode.
+    "site" (the names of the rows, a list of str: `result["site"][i]`) and "position" (a
+    tensor of the entries' positions). Runs without gradients; the model must be in eval mode.
 
     With `path`, the prompts are streamed in batches to disk: `inputs` is then an iterable of
     such TensorDicts (a DataLoader, a list, a generator) or one TensorDict of many prompts cut
@@ -411,5 +413,5 @@ def _result(per_site: list[list], swept: list[SiteInfo], positions: list[int]) -
     for key, value in _stacked(per_site).items():
         result.set(key, value)
     result.set("position", torch.tensor(positions).expand(*batch).clone())
-    result.set("site", NonTensorStack.from_list([[s.name] * len(positions) for s in swept]))
+    result.set_non_tensor("site", [s.name for s in swept])  # one name per row, as a sweep on disk stores them
     return result

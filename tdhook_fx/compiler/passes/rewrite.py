@@ -8,6 +8,7 @@ recompiled): recompiling after every statement would cost more than the whole re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import fx
@@ -54,20 +55,25 @@ class Rewritten:
     grad_names: tuple[str, ...] = ()  # one zero input per `save grad`; its gradient is the saved one
 
 
-def rewrite(capture: Capture, resolved: ResolvedProgram) -> Rewritten:
+def rewrite(
+    capture: Capture, resolved: ResolvedProgram, outputs: Callable[[RewriteContext], dict[str, fx.Node]] | None = None
+) -> Rewritten:
+    """The program's passes in order; then `outputs(ctx)`, if given, adds nodes of its own and
+    names the values to return with the saved ones (e.g. the logit lens's readouts)."""
     ctx = RewriteContext(capture, resolved)
     for intervention in resolved.interventions:
         on_parameter = intervention.site.kind == "param" and intervention.kind in PARAMETER_PASSES
         (PARAMETER_PASSES if on_parameter else PASSES)[intervention.kind](ctx, intervention)
-    return _finish(ctx)
+    return _finish(ctx, outputs(ctx) if outputs is not None else {})
 
 
-def _finish(ctx: RewriteContext) -> Rewritten:
+def _finish(ctx: RewriteContext, extra: dict[str, fx.Node]) -> Rewritten:
     graph = ctx.graph
     output = next(n for n in reversed(graph.nodes) if n.op == "output")
     model_outputs = () if ctx.stopped else tuple(output.args[0])
-    saved_names = tuple(ctx.resolved.saved_names)
-    values = model_outputs + tuple(ctx.saved[name] for name in saved_names)
+    saved = {name: ctx.saved[name] for name in ctx.resolved.saved_names} | extra
+    saved_names = tuple(saved)
+    values = model_outputs + tuple(saved.values())
     graph.erase_node(output)
     graph.output(values)
     _tag_inserted(graph, ctx)
