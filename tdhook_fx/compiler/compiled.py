@@ -60,10 +60,13 @@ class CompiledModule(nn.Module):
     describe the rewrite for the model's state at the last call.
     """
 
-    def __init__(self, variant: Variant, model: nn.Module, inputs: tuple, *, source: str = "program"):
+    def __init__(self, variant: Variant, model: nn.Module, inputs: tuple, *, source: str = "program", hold_model: bool = True):
+        """`hold_model=False` for a module cached by its caller under the model (weakly): it then
+        holds the model weakly too, so that the cache entry does not keep its own key alive."""
         super().__init__()
         self._source = source
         self._model = weakref.ref(model)
+        self.__dict__["_held_model"] = model if hold_model else None  # `cm = compile(Model(), ...)` keeps it
         self._first = variant.rewritten  # what every variant must take and return
         self._variants = LRU(VARIANTS_PER_MODULE)
         self._follow_lock = threading.RLock()

@@ -42,7 +42,15 @@ def build(
     """Capture `model` (or reuse its capture), resolve and rewrite `program` on it."""
     captured, table = capture(model, inputs, in_keys, out_keys, frontend)
     resolved = resolve(program, table, text, source)
-    rewritten = rewrite(captured, resolved)
+    return assemble(model, captured, table, resolved, rewrite(captured, resolved), inputs)
+
+
+def assemble(
+    model: nn.Module, captured: Capture, table: SiteTable, resolved: ResolvedProgram, rewritten: Rewritten, inputs: tuple
+) -> Variant:
+    """The variant of a rewrite made by the caller (a rewrite with extra nodes, such as the logit
+    lens's readouts: if the model changes, the module's next rewrite is `build`'s, without them,
+    and `check_same_interface` refuses it)."""
     follows = captured.follows
     if not follows.tensors and (own_tensors(rewritten.graph_module) or rewritten.grad_names):
         # pruning masks have the dtype and device the weights had; `save grad` inputs the sites' dtypes

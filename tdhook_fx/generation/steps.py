@@ -58,7 +58,7 @@ def compile_step(
         return entries[key]
     start = time.perf_counter()
     variant = variants.build(step, program, text, source, inputs, list(keys), list(OUT_KEYS), FRONTEND)
-    module = module_class(variant, step, inputs, source=source)
+    module = module_class(variant, step, inputs, source=source, hold_model=False)  # cached weakly per step
     module.example_inputs = inputs
     module.compile_seconds = time.perf_counter() - start
     if compiled:

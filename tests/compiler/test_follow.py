@@ -276,3 +276,14 @@ def test_the_tensordict_call_follows_too():
     td = TensorDict(input=sample.example["input"].double(), batch_size=[5])
     want = reference.run(sample.model, "save 1", (td["input"],))
     torch.testing.assert_close(cm(td)["saved", "1"], want[("saved", "1")])
+
+
+def test_a_module_compiled_on_a_model_nobody_else_holds_keeps_it():
+    """`cm = compile(Model(), ...)`: the module keeps the model (its base_model, and following it)."""
+    cm = tdhook_fx.compile(builtin_zoo.mlp().model, "save 0", example=(torch.randn(4, 16),))
+    import gc
+
+    gc.collect()
+    cm.base_model.double()
+    x = torch.randn(4, 16, dtype=torch.float64)
+    torch.testing.assert_close(cm(x)["saved"]["0"], cm.base_model[0](x))
