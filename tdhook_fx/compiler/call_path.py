@@ -36,8 +36,8 @@ def fast_call(cm, variant):
     """`call(cm, args, kwargs)` for `variant`: built on its first call (the runner with it)."""
     if variant.rewritten.grad_names:
         return _with_grad_inputs
-    if variant.rewritten.source_inputs:
-        return _general
+    if variant.rewritten.source_inputs or cm.__dict__.get("_compile_args") is not None:
+        return _general  # the general call runs the torch.compiled graph (`cm.compile()`)
 
     def first(self, args, kwargs):
         built = _generate(self, variant)

@@ -323,6 +323,7 @@ class CompiledModule(nn.Module):
         """
         self.__dict__["_compile_args"] = (args, kwargs)
         object.__setattr__(self, "_compiled_graph", torch.compile(self.graph_module, *args, **kwargs))
+        self.__dict__["_fast"] = call_path.fast_call(self, self.__dict__["_variant"])  # the eager one runs no compiled graph
         return self
 
     def _run_graph(self, variant: Variant, *inputs):

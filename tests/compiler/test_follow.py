@@ -287,3 +287,22 @@ def test_a_module_compiled_on_a_model_nobody_else_holds_keeps_it():
     cm.base_model.double()
     x = torch.randn(4, 16, dtype=torch.float64)
     torch.testing.assert_close(cm(x)["saved"]["0"], cm.base_model[0](x))
+
+
+def test_cm_compile_is_what_eager_calls_run():
+    """`cm.compile(...)` puts the graph under torch.compile for every later call (the generated
+    eager call path defers to it), and again after the model changes state."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    sample = builtin_zoo.mlp()
+    cm = tdhook_fx.compile(sample.model, "save 0", example=sample.example).compile(backend=backend)
+    x = sample.example["input"]
+    torch.testing.assert_close(cm(x)["saved"]["0"], sample.model[0](x))
+    assert len(graphs) == 1
+    sample.model.double()
+    torch.testing.assert_close(cm(x.double())["saved"]["0"], sample.model[0](x.double()))
+    assert len(graphs) == 2
