@@ -46,6 +46,7 @@ class Config:
     repeats: int = 5  # batches per candidate and round (the best is kept)
     target_seconds: float = 0.01  # about how long one batch of calls takes
     quick: bool = False  # fewer rounds and no inductor compilation (a smoke run)
+    models: tuple[str, ...] | None = None  # the workloads to run (None: all of them)
 
 
 def calls_per_round(fn: Callable[[], object], target_seconds: float) -> int:

@@ -8,7 +8,7 @@ import time
 
 import tdhook_fx
 from benchmarks.common import Config, Section, log
-from benchmarks.workloads import ALL
+from benchmarks.workloads import selected
 
 
 def run(config: Config) -> list[Section]:
@@ -26,7 +26,7 @@ def run(config: Config) -> list[Section]:
             ),
         ],
     )
-    for name, build in ALL.items():
+    for name, build in selected(config.models).items():
         log(f"compile time: {name}")
         firsts, captures, frontend = [], [], None
         for _ in range(_first_repeats(config)):

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from benchmarks import peers
 from benchmarks.common import Config, Section, log, paired_ratios
-from benchmarks.workloads import ALL, OPERATIONS
+from benchmarks.workloads import OPERATIONS, selected
 
 
 def run(config: Config) -> list[Section]:
     sections = []
-    for name, build in ALL.items():
+    for name, build in selected(config.models).items():
         workload = build()
         section = Section(
             f"Eager overhead per forward: {workload.description}",

@@ -3,6 +3,7 @@
     python benchmarks/run.py            # everything (about 10 minutes on one CPU thread)
     python benchmarks/run.py --quick    # a smoke run: fewer rounds, no inductor compilation
     python benchmarks/run.py --only overhead sweep
+    python benchmarks/run.py --only overhead --models mlp
 
 Every number is a ratio against the plain model (or a named baseline) measured in the same
 process, paired with it round by round, on one CPU thread (see benchmarks/common.py).
@@ -38,6 +39,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, no inductor (a smoke run)")
     parser.add_argument("--only", nargs="+", choices=list(FAMILIES), help="run only these families")
+    parser.add_argument("--models", nargs="+", choices=["gpt2", "mlp"], help="run only these workloads")
     parser.add_argument("--rounds", type=int, help="rounds per measurement (default 21; quick: 5)")
     parser.add_argument(
         "--output", type=Path, help="where to write the JSON (default: results/latest.json for a full run; "
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     setup_process()
-    config = Config(quick=args.quick)
+    config = Config(quick=args.quick, models=tuple(args.models) if args.models else None)
     config.rounds = args.rounds or (5 if args.quick else config.rounds)
     info = machine()
     started = time.perf_counter()

@@ -16,7 +16,7 @@ import torch
 import torch._dynamo
 
 from benchmarks.common import Config, Section, log, paired_ratios
-from benchmarks.workloads import ALL
+from benchmarks.workloads import selected
 
 COLUMNS = ["model", "variant", "graph breaks", "recompiles on value changes", "right after the change", "steady time / compiled plain"]
 
@@ -51,7 +51,7 @@ def run(config: Config) -> list[Section]:
     )
     if config.quick:
         section.notes.append("quick run: backend 'eager' (no inductor), so no steady times")
-    for name, build in ALL.items():
+    for name, build in selected(config.models).items():
         workload = build()
         log(f"torch.compile: {name}")
         rows, timed = [], {}

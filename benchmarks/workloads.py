@@ -126,3 +126,8 @@ def mlp() -> Workload:
 
 
 ALL = {"gpt2": gpt2, "mlp": mlp}
+
+
+def selected(models) -> dict:
+    """The workloads named in `models` (all of them when None), by name."""
+    return {name: build for name, build in ALL.items() if models is None or name in models}

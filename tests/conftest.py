@@ -17,6 +17,18 @@ settings.register_profile("thorough", max_examples=200, deadline=None, suppress_
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` run where a GPU is present and skip elsewhere."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA GPU on this machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def samples():
     """Each zoo model built once per test process (captures are cached per model object)."""

@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import difflib
 import reprlib
+import threading
+import weakref
 
 import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from tdhook_fx.compiler import call_path
+from tdhook_fx.compiler.call_path import check_batch, runner_of
 from tdhook_fx.compiler.capture import Capture, SiteTable, join_keys, key_name
 from tdhook_fx.compiler.capture.call_plan import example_inputs
+from tdhook_fx.compiler.capture.state import guard, rebind, state_key
 from tdhook_fx.compiler.graphs import fetch_attr
 from tdhook_fx.compiler.ir import ResolvedProgram, has_runtime_values
+from tdhook_fx.compiler.lru import LRU
 from tdhook_fx.compiler.passes.grad import region_shape, site_shapes
 from tdhook_fx.compiler.passes.rewrite import Rewritten
-from tdhook_fx.compiler.runner import runner
+from tdhook_fx.compiler.variants import Variant, build, carry_tensors, check_same_interface, own_tensors
 from tdhook_fx.errors import BindingError, ExportError, TdhookFxError
 from tdhook_fx.syntax.ast import variables
 
 SAVED = "saved"
 GRAD_DELTA = "_grad_delta"  # the zero inputs whose gradients `save grad` returns (see read_grads)
+VARIANTS_PER_MODULE = 8  # states of the model (dtype, device, mode, ...) a module keeps a rewrite for
+DELTA_SHAPES_PER_MODULE = 16  # input shapes a `save grad` module keeps its gradient inputs' shapes for
 
 
 class CompiledModule(nn.Module):
@@ -32,6 +40,13 @@ class CompiledModule(nn.Module):
     with the input tensors (runtime values and patch sources as keywords): it returns a dict
     `{out_key: tensor, ..., "saved": {name: tensor}}`.
 
+    It follows the model: after `model.half()`, `model.to("cuda")`, `model.train()`, an in-place
+    edit or a new submodule, a call gives what a fresh compile would give. Each state of the
+    model gets its own rewrite (made on the first call in that state, from a capture cached per
+    state; see `tdhook_fx.compiler.variants`). `cm.to(...)`, `cm.half()`, `cm.train()` and
+    `cm.eval()` act on the model too (the module shares its weights), and `cm.training` is the
+    model's mode.
+
     Gradients (`save grad`): with gradients enabled, a call also puts one zero tensor per saved
     gradient at `("_grad_delta", name)` (or `result["_grad_delta"][name]`); after a backward
     through the outputs, `cm.read_grads(td)` moves their gradients to `("saved", name)`.
@@ -41,27 +56,44 @@ class CompiledModule(nn.Module):
     each statement's sites), `code`, `graph`, `graph_module`, `sites` (the `SiteTable`),
     `frontend`, `in_keys`, `out_keys` (none after a `stop`), `captured_out_keys`, `runtime_names`,
     `saved_names`, `grad_names`, `patch_inputs` (the graph's inputs after the runtime values),
-    `base_model`, `example_inputs`, `example(...)`, `graph_tensors()` and `bound_values()`.
+    `base_model`, `example_inputs`, `example(...)`, `graph_tensors()` and `bound_values()`. They
+    describe the rewrite for the model's state at the last call.
     """
 
-    def __init__(self, capture: Capture, sites: SiteTable, resolved: ResolvedProgram, rewritten: Rewritten, training: bool):
+    def __init__(self, variant: Variant, model: nn.Module, inputs: tuple, *, source: str = "program", hold_model: bool = True):
+        """`hold_model=False` for a module cached by its caller under the model (weakly): it then
+        holds the model weakly too, so that the cache entry does not keep its own key alive."""
         super().__init__()
-        self.graph_module = rewritten.graph_module
-        self.sites = sites
-        self.resolved = resolved
-        self.frontend = capture.frontend
-        self.capture_seconds = capture.seconds
-        self.in_keys = list(capture.plan.in_keys)
-        self.out_keys = list(capture.plan.out_keys) if rewritten.returns_model_outputs else []
-        self._rewritten = rewritten
-        self._captured_training = training
-        self.capture = capture  # the captured graph this module was rewritten from (cached per model)
+        self._source = source
+        self._model = weakref.ref(model)
+        self.__dict__["_held_model"] = model if hold_model else None  # `cm = compile(Model(), ...)` keeps it
+        self._first = variant.rewritten  # what every variant must take and return
+        self._variants = LRU(VARIANTS_PER_MODULE)
+        self._follow_lock = threading.RLock()
         self.example_inputs: tuple[torch.Tensor, ...] | None = None  # the example compiled on (save/export)
         self._bound: dict[str, str] = {}  # runtime name -> buffer name
         self._functions: dict[str, object] = {}  # runtime name -> bound Python function
-        self._grad_sites = {i.name: i for i in resolved.interventions if i.kind == "save_grad"}
-        self._delta_shapes: dict[tuple, list] = {}  # input shapes -> (site shape, delta shape or None) per saved grad
-        self.train(training)
+        self._use(variant)
+        self._variants.put(_variant_key(model, variant.capture, inputs), variant)
+
+    def _use(self, variant: Variant) -> None:
+        """Make `variant` the one calls run and the read surface describes."""
+        self.graph_module = variant.rewritten.graph_module
+        self.sites = variant.sites
+        self.resolved = variant.resolved
+        self.frontend = variant.capture.frontend
+        self.capture_seconds = variant.capture.seconds
+        self.in_keys = list(variant.capture.plan.in_keys)
+        self.out_keys = list(variant.capture.plan.out_keys) if variant.rewritten.returns_model_outputs else []
+        self._rewritten = variant.rewritten
+        self.capture = variant.capture  # the captured graph this module was rewritten from (cached per model)
+        self._grad_sites = {i.name: i for i in variant.resolved.interventions if i.kind == "save_grad"}
+        self._delta_shapes = LRU(DELTA_SHAPES_PER_MODULE)  # input shapes -> (site shape, delta shape or None) per saved grad
+        compile_args = self.__dict__.get("_compile_args")
+        if compile_args is not None:
+            object.__setattr__(self, "_compiled_graph", torch.compile(self.graph_module, *compile_args[0], **compile_args[1]))
+        self.__dict__["_variant"] = variant
+        self.__dict__["_fast"] = call_path.fast_call(self, variant)
 
     # ---- what was compiled --------------------------------------------------------------------
 
@@ -221,19 +253,12 @@ class CompiledModule(nn.Module):
     # ---- calling ------------------------------------------------------------------------------
 
     def forward(self, *args, **kwargs):
-        if self.training != self._captured_training:
-            mode = "training" if self._captured_training else "eval"
-            raise TdhookFxError(
-                f"this module was compiled with the model in {mode} mode and is now in the other mode; "
-                "the graph baked the mode in (dropout, batch norm)\n"
-                f"  hint: call .{'train' if self._captured_training else 'eval'}() on it, or compile again "
-                "after switching the model's mode"
-            )
-        if self.grad_names:
-            return self._call_making_grad_inputs(args, kwargs)
-        return self._call(args, kwargs)
+        if torch.compiler.is_compiling():  # torch.compile traces the general call
+            return self._call_making_grad_inputs(args, kwargs) if self._first.grad_names else self._call(args, kwargs)
+        return self.__dict__["_fast"](self, args, kwargs)  # call_path: the generated call, or the general one
 
     def _call(self, args, kwargs):
+        """The call, for any arguments (the generated eager call, `call_path`, defers to it)."""
         if len(args) == 1 and not kwargs and isinstance(args[0], TensorDictBase):
             return self._call_tensordict(args[0])
         return self._call_tensors(args, kwargs)
@@ -250,15 +275,16 @@ class CompiledModule(nn.Module):
 
     def _call_tensordict(self, td: TensorDictBase) -> TensorDictBase:
         inputs = [_get(td, key, "model input") for key in self.in_keys]
+        variant = self._variant_for(inputs)
         runtime = [self._runtime(name, td.get(name, None)) for name in self.runtime_names]
         sources = [_get(td, join_keys(source, key), "patch source") for source, key in self.patch_inputs]
         deltas = self._grad_deltas(inputs, runtime)
-        outputs = self._run_graph(*inputs, *runtime, *sources, *deltas)
+        outputs = self._run_graph(variant, *inputs, *runtime, *sources, *deltas)
         keys = [*self.out_keys, *((SAVED, name) for name in self.saved_names)]
         if deltas and deltas[0].requires_grad:
             keys, outputs = keys + [(GRAD_DELTA, name) for name in self.grad_names], (*outputs, *deltas)
         for key, value in zip(keys, outputs):
-            _check_batch(td, key, value)
+            check_batch(td, key, value)
             td.set(key, value)
         return td
 
@@ -267,6 +293,8 @@ class CompiledModule(nn.Module):
             raise BindingError(
                 f"expected {len(self.in_keys)} input tensor(s) ({', '.join(map(key_name, self.in_keys))}), got {len(args)}"
             )
+        variant = self._variant_for(args)
+        kwargs = dict(kwargs)
         runtime = [self._runtime(name, kwargs.pop(name, None)) for name in self.runtime_names]
         sources = []
         for source in dict.fromkeys(s for s, _ in self.patch_inputs):
@@ -277,7 +305,7 @@ class CompiledModule(nn.Module):
         if kwargs:
             raise BindingError(_unknown_name(next(iter(kwargs)), self.runtime_names))
         deltas = self._grad_deltas(args, runtime)
-        outputs = self._run_graph(*args, *runtime, *sources, *deltas)
+        outputs = self._run_graph(variant, *args, *runtime, *sources, *deltas)
         result = dict(zip(map(key_name, self.out_keys), outputs))
         if self.saved_names:
             result[SAVED] = dict(zip(self.saved_names, outputs[len(self.out_keys) :]))
@@ -290,12 +318,15 @@ class CompiledModule(nn.Module):
 
         `torch.compile(cm)` works too, and traces the wrapper as well (TensorDict reads and
         writes), which lets a larger compiled function call `cm` without a break; `cm.compile(...)`
-        compiles the graph alone. Arguments are `torch.compile`'s.
+        compiles the graph alone (again for each state of the model it follows). Arguments are
+        `torch.compile`'s.
         """
+        self.__dict__["_compile_args"] = (args, kwargs)
         object.__setattr__(self, "_compiled_graph", torch.compile(self.graph_module, *args, **kwargs))
+        self.__dict__["_fast"] = call_path.fast_call(self, self.__dict__["_variant"])  # the eager one runs no compiled graph
         return self
 
-    def _run_graph(self, *inputs):
+    def _run_graph(self, variant: Variant, *inputs):
         """The rewritten graph's forward, called directly: going through `nn.Module.__call__` (hook
         dispatch, fx's error-printing wrapper) costs more than a small model's own layers take.
         Nothing hooks the internal graph module, and an error keeps its full traceback.
@@ -306,20 +337,109 @@ class CompiledModule(nn.Module):
         if compiled is not None:
             return compiled(*inputs)
         if torch.compiler.is_compiling():
-            return self.graph_module.forward(*inputs)
-        graph = self.__dict__.get("_runner")
-        if graph is None:
-            graph = runner(self.graph_module)
-            object.__setattr__(self, "_runner", graph)  # not a submodule: it holds no state of its own
-        return graph.forward(*inputs)
+            return variant.rewritten.graph_module.forward(*inputs)
+        return runner_of(variant).forward(*inputs)
+
+    # ---- following the model ------------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:
+        """Whether the model is in training mode: the module follows the model's mode (one
+        rewrite per mode), so this is the mode calls run in."""
+        model = self.__dict__.get("_model")
+        model = model() if model is not None else None
+        return model.training if model is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_training"] = mode  # nn.Module.__init__ sets it; the model's own flag rules
+
+    def train(self, mode: bool = True) -> CompiledModule:
+        """Switch the model's mode (it is shared, like its weights); the next call follows it."""
+        model = self._model()
+        if model is None:
+            raise TdhookFxError("the model this module was compiled from no longer exists")
+        model.train(mode)
+        self.__dict__["_training"] = mode
+        return self
+
+    def _variant_for(self, inputs) -> Variant:
+        """The variant for the model's state now (the current one while its guard holds)."""
+        variant = self.__dict__["_variant"]
+        if variant.guard(tuple(inputs)):
+            return variant
+        return self._follow(tuple(inputs))
+
+    @torch.compiler.disable
+    def _follow(self, inputs: tuple) -> Variant:
+        """The model changed since the current variant was made: use (or make) the one for its
+        state now. A new one is the program resolved and rewritten again, on a capture of the
+        model as it is (cached per state), with the masks this module computed when compiled."""
+        with self._follow_lock:
+            current = self.__dict__["_variant"]
+            if current.guard(inputs):  # another thread followed meanwhile
+                return current
+            model = self._model()
+            if model is None:
+                raise TdhookFxError(
+                    "the model this module was compiled from no longer exists, and the submodules it runs "
+                    "have changed\n  hint: keep a reference to the model, or compile again"
+                )
+            key = _variant_key(model, current.capture, inputs)
+            variant = self._variants.get(key)
+            if variant is not None and not variant.guard(inputs) and rebind(variant.rewritten.graph_module, model):
+                variant.runner = None  # the model holds new tensors of the same kind (`.to()` and back)
+                variant.guard = guard(model, variant.follows, inputs)
+            if variant is None or not variant.guard(inputs):
+                variant = self._build_variant(model, inputs, current)
+                self._variants.put(key, variant)
+            self._use(variant)
+            return variant
+
+    def _build_variant(self, model: nn.Module, inputs: tuple, current: Variant) -> Variant:
+        plan = current.capture.plan
+        resolved = current.resolved
+        try:
+            variant = build(
+                model, resolved.program, resolved.text, self._source, inputs, plan.in_keys, plan.out_keys,
+                current.capture.frontend,
+            )
+        except TdhookFxError as error:
+            error.add_note("(the model changed since this module was compiled: a new rewrite was needed)")
+            raise
+        check_same_interface(self._first, variant.rewritten)
+        carry_tensors(current.rewritten.graph_module, variant.rewritten.graph_module)
+        if not variant.guard(inputs):
+            raise TdhookFxError("internal error: a rewrite made for the model's state does not fit it")  # noqa: EM101
+        return variant
 
     def _apply(self, fn, recurse=True):
-        self.__dict__.pop("_runner", None)  # `.to()` and friends replace buffers the runner names
-        return super()._apply(fn, recurse)
+        """`.to()`, `.half()`, `.cuda()` ...: convert the model (shared, so it changes for everyone,
+        consistently: parameters and buffers alike), the bound values and the rewrite's own
+        tensors (pruning masks). The next call follows the model."""
+        model = self._model()
+        if model is None:  # only the graph holds the model's tensors now
+            return super()._apply(fn, recurse)
+        model._apply(fn, recurse)
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = fn(buffer)
+        graph_module = self.__dict__["_variant"].rewritten.graph_module
+        for name, tensor in own_tensors(graph_module).items():
+            setattr(graph_module, name, fn(tensor))
+        self._forget_other_variants()  # their masks were not converted
+        return self
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        self.__dict__.pop("_runner", None)  # assign=True replaces tensors the runner names
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._forget_other_variants()  # assign=True replaces tensors the runner names
+        return result
+
+    def _forget_other_variants(self) -> None:
+        variant = self.__dict__["_variant"]
+        variant.runner = None
+        self._variants.clear()
+        self.__dict__["_fast"] = call_path.fast_call(self, variant)
 
     # ---- gradients (save grad) ----------------------------------------------------------------
 
@@ -372,20 +492,27 @@ class CompiledModule(nn.Module):
         if not torch.is_grad_enabled():
             return [torch.zeros((), dtype=i.site.dtype, device=device) for i in sites]
         key = tuple(tuple(x.shape) for x in inputs)
-        if key not in self._delta_shapes:
+        known = self._delta_shapes.get(key)
+        if known is None:
             shapes = site_shapes(self.capture.graph_module, tuple(inputs))
-            self._delta_shapes[key] = [
+            known = [
                 (shapes[i.site.name], None if has_runtime_values(i.index) else region_shape(shapes[i.site.name], i.index, {}))
                 for i in sites
             ]
+            self._delta_shapes.put(key, known)
         values = dict(zip(self.runtime_names, runtime))
         return [
             torch.zeros(
                 shape if shape is not None else region_shape(site_shape, i.index, values),
                 dtype=i.site.dtype, device=device, requires_grad=True,
             )
-            for i, (site_shape, shape) in zip(sites, self._delta_shapes[key])
+            for i, (site_shape, shape) in zip(sites, known)
         ]
+
+
+def _variant_key(model: nn.Module, captured: Capture, inputs: tuple) -> tuple:
+    """A variant's cache key: the model's state and the inputs' (as the capture cache keys them)."""
+    return captured.plan.in_keys, captured.plan.out_keys, captured.frontend, state_key(model, inputs)
 
 
 def runtime_value(name: str, value):
@@ -420,16 +547,6 @@ def _get(td: TensorDictBase, key, what: str) -> torch.Tensor:
             f"{sorted(map(str, td.keys(include_nested=True, leaves_only=True)))}"
         )
     return value
-
-
-def _check_batch(td: TensorDictBase, key, value: torch.Tensor) -> None:
-    batch = tuple(td.batch_size)
-    if tuple(value.shape[: len(batch)]) != batch:
-        raise TdhookFxError(
-            f"{key!r} has shape {tuple(value.shape)}, which does not start with the TensorDict's "
-            f"batch size {list(batch)}, so it cannot be stored in it\n"
-            "  hint: call with a TensorDict of batch_size=[] or with plain tensors (cm(*inputs))"
-        )
 
 
 def _unknown_name(name: str, known) -> str:

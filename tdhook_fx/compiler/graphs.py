@@ -47,6 +47,17 @@ def needed_nodes(graph: fx.Graph, targets, up_to: fx.Node | None = None) -> set[
     return needed
 
 
+def detached(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """`graph_module`, with its graph no longer pointing back at it.
+
+    fx keeps `graph.owning_module`, a reference cycle (module -> graph -> module) that only the
+    cycle collector frees, and with it every weight the module holds: a dropped model would stay
+    in memory until the next collection. Call it once the graph is final (fx's checks that need
+    the owner, such as linting attribute targets, are done by then)."""
+    graph_module.graph.owning_module = None
+    return graph_module
+
+
 def fetch_attr(root: torch.nn.Module, target: str):
     """The attribute at dotted `target` under `root` (None if there is none)."""
     value = root

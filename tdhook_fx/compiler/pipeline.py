@@ -6,11 +6,10 @@ import time
 
 from torch import nn
 
+from tdhook_fx.compiler import variants
 from tdhook_fx.compiler.capture import SiteTable, capture
 from tdhook_fx.compiler.capture.call_plan import example_inputs
 from tdhook_fx.compiler.compiled import CompiledModule
-from tdhook_fx.compiler.passes.rewrite import rewrite
-from tdhook_fx.compiler.resolve import resolve
 from tdhook_fx.syntax.ast import Program
 from tdhook_fx.syntax.parse import parse
 
@@ -33,8 +32,9 @@ def compile(  # noqa: A001 - the public name the project promises
     `example` (a TensorDict holding the in_keys, or the input tensors) is used to capture the
     graph and check the program's sites and shapes. `frontend` is "fx", "export" or "auto"
     (fx when it can trace the model, export otherwise; `cm.frontend` says which). A capture
-    is cached per model and input signature, so compiling another program is quick. The
-    model is left unchanged.
+    is cached per model, model state and input signature, so compiling another program is
+    quick. The model is left unchanged; the module follows later changes of it (see
+    `CompiledModule`).
     """
     start = time.perf_counter()
     in_keys = list(in_keys or DEFAULT_IN_KEYS)
@@ -42,9 +42,8 @@ def compile(  # noqa: A001 - the public name the project promises
     text = program if isinstance(program, str) else str(program)
     ast = parse(program, source=source) if isinstance(program, str) else program
     inputs = example_inputs(example, in_keys)
-    captured, table = capture(model, inputs, in_keys, out_keys, frontend)
-    resolved = resolve(ast, table, text, source)
-    compiled = CompiledModule(captured, table, resolved, rewrite(captured, resolved), model.training)
+    variant = variants.build(model, ast, text, source, inputs, in_keys, out_keys, frontend)
+    compiled = CompiledModule(variant, model, inputs, source=source)
     compiled.example_inputs = inputs
     compiled.compile_seconds = time.perf_counter() - start
     return compiled

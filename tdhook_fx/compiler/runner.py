@@ -21,11 +21,18 @@ import keyword
 
 from torch import fx
 
-from tdhook_fx.compiler.graphs import fetch_attr, readable
+from tdhook_fx.compiler.graphs import detached, fetch_attr, readable
+from tdhook_fx.compiler.sources import generated_code
 
 
 def runner(graph_module: fx.GraphModule) -> fx.GraphModule:
     """A module computing `graph_module`'s forward with its attribute paths resolved."""
+    with generated_code([]) as keep:
+        keep.append(_runner(graph_module))
+    return keep[0]
+
+
+def _runner(graph_module: fx.GraphModule) -> fx.GraphModule:
     graph = fx.Graph()
     output, old_output = graph.graph_copy(graph_module.graph, {}, return_output_node=True)
     graph.output(output, type_expr=old_output.type)
@@ -40,7 +47,7 @@ def runner(graph_module: fx.GraphModule) -> fx.GraphModule:
             node.target = aliases[node.target]
     graph.lint()
     module.recompile()
-    return module
+    return detached(module)
 
 
 def _free_name(name: str, module: fx.GraphModule) -> str:

@@ -15,9 +15,8 @@ from collections import OrderedDict
 
 from torch import nn
 
+from tdhook_fx.compiler import variants
 from tdhook_fx.compiler.capture import SiteTable, capture
-from tdhook_fx.compiler.passes.rewrite import rewrite
-from tdhook_fx.compiler.resolve import resolve
 from tdhook_fx.generation.step import OUT_KEYS
 from tdhook_fx.syntax import ast
 
@@ -58,9 +57,8 @@ def compile_step(
         entries.move_to_end(key)
         return entries[key]
     start = time.perf_counter()
-    captured, table = capture(step, inputs, list(keys), list(OUT_KEYS), FRONTEND)
-    resolved = resolve(program, table, text, source)
-    module = module_class(captured, table, resolved, rewrite(captured, resolved), step.training)
+    variant = variants.build(step, program, text, source, inputs, list(keys), list(OUT_KEYS), FRONTEND)
+    module = module_class(variant, step, inputs, source=source, hold_model=False)  # cached weakly per step
     module.example_inputs = inputs
     module.compile_seconds = time.perf_counter() - start
     if compiled:

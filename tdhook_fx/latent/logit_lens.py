@@ -23,6 +23,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 from torch import fx, nn
 
+from tdhook_fx.compiler import variants
 from tdhook_fx.compiler.capture import capture, join_keys
 from tdhook_fx.compiler.capture.call_plan import example_inputs
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable
@@ -174,7 +175,8 @@ def compile_logit_lens(
             return {LOGITS: stacked(ctx, logits, "lens_logits")}
         return {PROBS: stacked(ctx, probabilities, "lens_probs"), TOKENS: stacked(ctx, tokens, "lens_tokens")}
 
-    module = CompiledModule(captured, table, resolved, rewrite(captured, resolved, readouts), model.training)
+    variant = variants.assemble(model, captured, table, resolved, rewrite(captured, resolved, readouts), inputs)
+    module = CompiledModule(variant, model, inputs)
     module.example_inputs = inputs
     return LogitLens(module, tuple(site.name for site in rows), top_k)
 

@@ -92,11 +92,17 @@ def test_a_saved_value_that_does_not_fit_the_batch(samples):
     assert compiled(unbatched)["saved", "transformer.wpe"].shape[0] == 1
 
 
-def test_mode_mismatch_is_refused(mlp):
+def test_a_mode_change_is_followed(mlp):
+    """`cm.train()` switches the (shared) model's mode, like `model.train()`; the call follows it."""
     compiled = compile_mlp(mlp, "save 0")
-    compiled.train()
-    with pytest.raises(tdhook_fx.TdhookFxError, match="compiled with the model in eval mode"):
+    try:
+        compiled.train()
+        assert compiled.training and mlp.model.training
         compiled(mlp.example["input"])
+        compiled.eval()
+        assert not compiled.training and not mlp.model.training
+    finally:
+        mlp.model.eval()
 
 
 def test_training_mode_matches_eager_training(samples):
@@ -144,7 +150,7 @@ def test_runs_without_attribute_chains_and_follows_dtype_changes(frontend):
     x = torch.randn(3, 4)
     compiled = tdhook_fx.compile(model, "steer 1 *= 2", example=(x,), frontend=frontend)
     torch.testing.assert_close(compiled(x)["output"], compiled.graph_module(x)[0])
-    assert "getattr(" not in compiled.__dict__["_runner"].code
+    assert "getattr(" not in compiled.__dict__["_variant"].runner.code
     compiled.double()
     want = reference_model[2](2 * reference_model[1](reference_model[0](x.double())))
     torch.testing.assert_close(compiled(x.double())["output"], want)

@@ -10,7 +10,7 @@ from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
 from tdhook_fx import latent, workflow
-from tdhook_fx.compiler.compiled import CompiledModule
+from tdhook_fx.compiler import call_path, compiled
 from tdhook_fx.errors import InvalidArgument
 from tests.methods.helpers import assert_same_tensordict
 
@@ -26,15 +26,21 @@ class Recorder:
 
 
 def graph_runs(monkeypatch) -> list:
-    """Counts the compiled graphs' runs (each is one pass of the model)."""
+    """Counts the compiled graphs' eager runs (each is one pass of the model), on the generated
+    call path and the general one alike: both run the graph through `runner_of`."""
     runs = []
-    original = CompiledModule._run_graph
+    original = call_path.runner_of
 
-    def counted(self, *inputs):
-        runs.append(self)
-        return original(self, *inputs)
+    class Counted:
+        def __init__(self, variant):
+            self.variant, self.graph = variant, original(variant)
 
-    monkeypatch.setattr(CompiledModule, "_run_graph", counted)
+        def forward(self, *inputs):
+            runs.append(self.variant)
+            return self.graph.forward(*inputs)
+
+    monkeypatch.setattr(call_path, "runner_of", Counted)
+    monkeypatch.setattr(compiled, "runner_of", Counted)
     return runs
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from contextlib import contextmanager
@@ -15,11 +16,30 @@ from tdhook_fx.compiler.capture import export as export_frontend
 from tdhook_fx.compiler.capture import trace as trace_frontend
 from tdhook_fx.compiler.capture.call_plan import CallPlan, join_keys, key_name, model_call, plan_call
 from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable, build_site_table
+from tdhook_fx.compiler.capture.state import (
+    Follows,
+    bakes_tensor_facts,
+    called_modules,
+    held_objects,
+    read_tensors,
+    rebind,
+    state_key,
+)
 from tdhook_fx.compiler.capture.taps import SiteKey, Tapper
+from tdhook_fx.compiler.capture.user_hooks import refuse_user_hooks
 from tdhook_fx.compiler.graphs import mutates
+from tdhook_fx.compiler.lru import LRU
+from tdhook_fx.compiler.sources import generated_code
 from tdhook_fx.errors import CaptureError
 
 FRONTENDS = ("auto", "fx", "export")
+CAPTURES_PER_MODEL = 8  # captures kept per model (one per state: dtypes, devices, modes, input ranks)
+SITE_TABLES_PER_CAPTURE = 8  # site tables kept per capture (one per input shapes)
+
+# Captures run one at a time in the process: torch.fx's tracer patches `nn.Module.__call__` and
+# `__getattr__` for everyone while it runs, and two overlapping traces would restore each
+# other's patches (leaving `__call__` patched for good). Reentrant: a capture may compile.
+CAPTURE_LOCK = threading.RLock()
 
 
 @dataclass(frozen=True)
@@ -32,15 +52,26 @@ class Capture:
     site_keys: dict[str, SiteKey]  # tap name -> where it is
     eager_sites: frozenset[str]  # the sites that the eager model also produces
     seconds: float  # how long capturing took
-    site_tables: dict = field(default_factory=dict, compare=False)  # input shapes -> SiteTable
+    held: tuple = field(default=(), compare=False, repr=False)  # the objects the cache key names by id
+    site_tables: LRU = field(default_factory=lambda: LRU(SITE_TABLES_PER_CAPTURE), compare=False)  # shapes -> table
 
     @cached_property
     def mutates(self) -> bool:
         """Whether the graph changes tensors in place (so a saved value must be copied)."""
         return any(mutates(node, self.graph_module) for node in self.graph_module.graph.nodes)
 
+    @cached_property
+    def follows(self) -> Follows:
+        """What the graph follows by itself when the model changes (see `state.Follows`)."""
+        nodes = self.graph_module.graph.nodes
+        own_constants = any(n.op == "get_attr" and not n.target.startswith("model.") for n in nodes)
+        if self.frontend == "fx" and not own_constants and not bakes_tensor_facts(nodes):
+            return Follows(tensors=False, read=read_tensors(self.graph_module), live_modes=called_modules(self.graph_module))
+        return Follows(tensors=True)
 
-_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+# model -> LRU of captures by state key; weak, so a model nobody uses is freed with its captures
+_CACHE: "weakref.WeakKeyDictionary[nn.Module, LRU]" = weakref.WeakKeyDictionary()
 
 
 def capture(
@@ -48,40 +79,37 @@ def capture(
 ) -> tuple[Capture, SiteTable]:
     """Capture `model` called on `inputs` and list its sites with their shapes on `inputs`.
 
-    An earlier capture of the same model and input signature is reused (only the site table,
-    one run of the graph, is made anew).
+    An earlier capture of the same model, in the same state (module objects, modes, parameters
+    and buffers with their dtypes, devices and shapes; see `state.state_key`) and for inputs of
+    the same dtypes, devices and ranks is reused (only the site table, one run of the graph, is
+    made anew), reading the model's tensors of now. A model with hooks of its user on any module
+    is refused (`user_hooks`): the graph would not run them.
+    Thread-safe: captures are serialized (`CAPTURE_LOCK`).
     """
     if frontend not in FRONTENDS:
         raise CaptureError(f"unknown front end {frontend!r}; choose one of {FRONTENDS}")
-    signature = (
-        tuple(in_keys),
-        tuple(out_keys),
-        frontend,
-        model.training,
-        tuple((x.dtype, x.dim()) for x in inputs),
-        _structure(model),
-    )
-    cached = _CACHE.get(model, {}).get(signature)
-    shapes = tuple(tuple(x.shape) for x in inputs)
-    if cached is not None and shapes in cached.site_tables:  # nothing runs the model: nothing to keep
-        return cached, cached.site_tables[shapes]
-    with _model_state_kept(model):
-        return _cached_capture(model, inputs, in_keys, out_keys, frontend, signature)
-
-
-def _structure(model: nn.Module) -> tuple:
-    """Which module and parameter objects the model is made of: replacing one invalidates a capture."""
-    modules = tuple((name, id(module)) for name, module in model.named_modules())
-    parameters = tuple((name, id(p)) for name, p in model.named_parameters(remove_duplicate=False))
-    buffers = tuple((name, id(b)) for name, b in model.named_buffers())
-    return modules + parameters + buffers
+    with CAPTURE_LOCK:
+        refuse_user_hooks(model)  # a graph would not run them
+        key = (tuple(in_keys), tuple(out_keys), frontend, state_key(model, inputs))
+        per_model = _CACHE.get(model)
+        if per_model is None:
+            per_model = _CACHE[model] = LRU(CAPTURES_PER_MODEL)
+        cached = per_model.get(key)
+        if cached is not None:
+            rebind(cached.graph_module, model)  # a buffer replaced by `.to()` and back, say
+        shapes = tuple(tuple(x.shape) for x in inputs)
+        table = cached.site_tables.get(shapes) if cached is not None else None
+        if table is not None:  # nothing runs the model: nothing to keep
+            return cached, table
+        with _model_state_kept(model):
+            return _cached_capture(model, inputs, in_keys, out_keys, frontend, key, per_model)
 
 
 @contextmanager
 def _model_state_kept(model: nn.Module):
     """Capturing runs the model: keep its buffers (batch-norm statistics) and the RNG unchanged."""
     buffers = {name: b.clone() for name, b in model.named_buffers()}
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(devices=_cuda_devices(model)):
         try:
             yield
         finally:
@@ -90,22 +118,27 @@ def _model_state_kept(model: nn.Module):
                     b.copy_(buffers[name])
 
 
-def _cached_capture(model, inputs, in_keys, out_keys, frontend, signature):
-    per_model = _CACHE.setdefault(model, {})
+def _cuda_devices(model: nn.Module) -> list[int]:
+    """The CUDA devices whose RNG a capture of `model` may draw from (fork_rng restores them)."""
+    return sorted({t.device.index or 0 for t in (*model.parameters(), *model.buffers()) if t.is_cuda})
+
+
+def _cached_capture(model, inputs, in_keys, out_keys, frontend, key, per_model: LRU):
     shapes = tuple(tuple(x.shape) for x in inputs)
-    cached = per_model.get(signature)
+    cached = per_model.get(key)
     if cached is not None:  # but no site table for these shapes yet
         try:
             return cached, _sites(cached, model, inputs, shapes)
         except Exception:  # an exported graph's shape guards refused these inputs: capture again
             pass
-    cached = per_model[signature] = _capture(model, inputs, in_keys, out_keys, frontend)
+    cached = _capture(model, inputs, in_keys, out_keys, frontend)
+    per_model.put(key, cached)
     return cached, _sites(cached, model, inputs, shapes)
 
 
 def _sites(capture: Capture, model: nn.Module, inputs: tuple, shapes: tuple) -> SiteTable:
     table = build_site_table(model, capture.graph_module, inputs, capture.site_keys, capture.eager_sites)
-    capture.site_tables[shapes] = table
+    capture.site_tables.put(shapes, table)
     return table
 
 
@@ -115,25 +148,41 @@ def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
     with Tapper(model, mark=False).hooks() as eager_tapper:
         plan, eager = plan_call(model, in_keys, out_keys, inputs)
     eager_sites = frozenset(key.name for key in eager_tapper.sites)
-    tapper = Tapper(model)
-    call = model_call(model, plan, on_enter=tapper.reset)
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
-        try:
-            graph_module = _run_frontend(name, call, tapper, inputs)
-            _check_same_outputs(graph_module, inputs, eager, name)
-        except Exception as error:  # every front end's failure is reported, see below
-            failures.append((name, error))
-            continue
+        with generated_code([]) as keep:  # torch.export makes (and drops) dozens of graph modules
+            try:
+                graph_module, tapper = _run_frontend(name, model, plan, inputs)
+                _check_same_outputs(graph_module, inputs, eager, name)
+            except Exception as error:  # every front end's failure is reported, see below
+                # the reason as text: a kept exception would keep its traceback's frames (and the
+                # model in their locals) alive in a reference cycle
+                failures.append((name, _reason(error)))
+                continue
+            keep.append(graph_module)
         keys = {key.name: key for key in tapper.sites}
-        return Capture(graph_module, name, plan, keys, eager_sites, time.perf_counter() - start)
+        return Capture(graph_module, name, plan, keys, eager_sites, time.perf_counter() - start, held_objects(model))
     raise CaptureError(_failure_message(model, failures))
 
 
-def _run_frontend(name: str, call, tapper: Tapper, inputs: tuple) -> fx.GraphModule:
-    if name == "fx":
-        return trace_frontend.trace(call, tapper)
-    return export_frontend.export(call, tapper, inputs)
+def _run_frontend(name: str, model: nn.Module, plan: CallPlan, inputs: tuple) -> tuple[fx.GraphModule, Tapper]:
+    """The front end's tapped graph of `model` called by `plan`, and the tapper that marked it.
+
+    torch.export swaps the parameters of the modules it traces for fake tensors while it runs:
+    it traces a shadow of the model (`export.shadow`: new module objects, the same tensors), so
+    that the model itself stays usable meanwhile (a forward in another thread)."""
+    traced = model if name == "fx" else export_frontend.shadow(model)
+    tapper = Tapper(traced)
+    call = model_call(traced, plan, on_enter=tapper.reset)
+    try:
+        if name == "fx":
+            return trace_frontend.trace(call, tapper), tapper
+        return export_frontend.export(call, tapper, inputs), tapper
+    finally:  # what the front end's own reference cycles may still hold: none of the model's tensors
+        tapper.names.clear()
+        call._modules.clear()
+        if traced is not model:
+            export_frontend.empty(traced)
 
 
 def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
@@ -145,11 +194,15 @@ def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
             raise CaptureError(f"the {frontend} graph does not reproduce the model's outputs on the example")
 
 
+def _reason(error: Exception) -> str:
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"{type(error).__name__}: {first}"
+
+
 def _failure_message(model, failures) -> str:
     lines = [f"could not capture {type(model).__name__} as a graph:"]
-    for name, error in failures:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        lines.append(f"  {name}: {type(error).__name__}: {first}")
+    for name, reason in failures:
+        lines.append(f"  {name}: {reason}")
     lines.append(
         "  hint: the 'fx' front end needs Python code without branches on tensor values;"
         " 'export' handles those but needs shapes it can reason about. Try the other front end"

@@ -9,6 +9,7 @@ remove them at the end, so the final graph computes exactly what the model compu
 from __future__ import annotations
 
 import inspect
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -59,10 +60,13 @@ class Tapper:
     """Taps the inputs and outputs of every named module of `model` during one trace.
 
     With `mark=False` it only records which sites a run produces (used on the eager run).
+    Only the thread that made the tapper taps: a forward of the same model in another thread
+    while a capture runs passes through unchanged (and leaves the capture's record alone).
     """
 
     def __init__(self, model: nn.Module, mark: bool = True):
         self.mark = mark
+        self.thread = threading.get_ident()
         self.names = {module: name for name, module in model.named_modules() if name}
         self.sites: list[SiteKey] = []
         self._calls: dict[str, int] = {}
@@ -93,7 +97,7 @@ class Tapper:
 
     def enter(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         name = self.names.get(module)
-        if name is None:
+        if name is None or threading.get_ident() != self.thread:
             return args, kwargs
         call = self._calls.get(name, 0)
         self._calls[name] = call + 1
@@ -111,7 +115,7 @@ class Tapper:
 
     def exit(self, module: nn.Module, output):
         name = self.names.get(module)
-        if name is None:
+        if name is None or threading.get_ident() != self.thread:
             return output
         call = self._open[name].pop()
         if _is_tensor(output):

@@ -8,10 +8,13 @@ without children (Linear, Conv2d, BatchNorm2d, ReLU ...) stay whole, as `call_mo
 
 from __future__ import annotations
 
+import threading
+
 from torch import fx, nn
 
 from tdhook_fx.compiler.capture.call_plan import ModelCall
 from tdhook_fx.compiler.capture.taps import Tapper
+from tdhook_fx.compiler.graphs import detached
 
 
 def is_builtin_leaf(module: nn.Module) -> bool:
@@ -21,19 +24,39 @@ def is_builtin_leaf(module: nn.Module) -> bool:
 
 
 class _TappingTracer(fx.Tracer):
+    """fx's tracer, tapping module boundaries, and confined to the thread that traces.
+
+    While it traces, fx patches `nn.Module.__call__` and `__getattr__` for the whole process;
+    a module called (or a parameter read) in another thread meanwhile comes here too and is
+    passed through untouched, so that thread's forward runs as if nothing were traced.
+    """
+
     def __init__(self, tapper: Tapper):
         super().__init__()
         self.tapper = tapper
+        self.thread = threading.get_ident()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return is_builtin_leaf(m)
 
     def call_module(self, m, forward, args, kwargs):
+        if threading.get_ident() != self.thread:
+            return forward(*args, **kwargs)
         args, kwargs = self.tapper.enter(m, args, kwargs)
         return self.tapper.exit(m, super().call_module(m, forward, args, kwargs))
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if threading.get_ident() != self.thread:
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
 
 def trace(call: ModelCall, tapper: Tapper) -> fx.GraphModule:
     """Symbolically trace `call` (its model's modules tapped); raises whatever fx raises."""
-    graph = _TappingTracer(tapper).trace(call)
-    return fx.GraphModule(call, graph)
+    tracer = _TappingTracer(tapper)
+    try:
+        graph = tracer.trace(call)
+    finally:
+        # fx's trace leaves the tracer in a reference cycle (a recursive closure): let it hold nothing
+        tracer.__dict__.clear()
+    return detached(fx.GraphModule(call, graph))

@@ -14,15 +14,23 @@ from tdhook_fx.compiler.shapes import broadcasts_to
 from tdhook_fx.errors import BindingError, LayoutWarning
 
 
+FITTED_SIGNATURES = 4096  # (value shape, site shape, dtypes) that passed `fit` silently; then forgotten at once
+_FITTED: set[tuple] = set()
+
+
 def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> torch.Tensor:
-    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype.
+    """`value` checked to broadcast to `like` (the site's value) and cast to its dtype and device.
 
     A floating-point value is refused at an integer site (the cast would cut its fractions off,
     as a constant such as 3.9 is refused when compiling). A value of lower rank whose first size
     equals the site's first (the batch) size gets a `LayoutWarning` (eagerly; torch.compile
     traces without it): torch's broadcasting aligns it with the site's last dimensions, not with
     the batch, so a per-example value of shape (B,) would be added along the features.
+    Eagerly, a signature (shapes and dtypes) that passed without a warning is not checked again.
     """
+    eager = not torch.compiler.is_compiling()
+    if eager and (value.shape, like.shape, value.dtype, like.dtype) in _FITTED:  # checked before, silently
+        return value if value.dtype == like.dtype and value.device == like.device else value.to(like.device, like.dtype)
     # Compare ranks first: comparing shapes of different ranks element-wise would compare a
     # batch size with a feature width, a shape guard torch.compile/torch.export would keep.
     same = value.dim() == like.dim() and value.shape == like.shape
@@ -39,9 +47,12 @@ def fit(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> t
             f"holds {_name(like.dtype)} values: the cast would cut its fractions off\n"
             "  hint: pass whole numbers as an integer tensor (value.round().long())"
         )
-    if not same and 0 < value.dim() < like.dim() and not torch.compiler.is_compiling():
-        _warn_if_batch_like(value, like, statement, site)
-    return value if value.dtype == like.dtype else value.to(like.dtype)
+    warned = not same and 0 < value.dim() < like.dim() and eager and _warn_if_batch_like(value, like, statement, site)
+    if eager and not warned:  # the checks depend on shapes and dtypes only: once per signature
+        if len(_FITTED) >= FITTED_SIGNATURES:
+            _FITTED.clear()
+        _FITTED.add((value.shape, like.shape, value.dtype, like.dtype))
+    return value if value.dtype == like.dtype and value.device == like.device else value.to(like.device, like.dtype)
 
 
 def _is_real(dtype: torch.dtype) -> bool:
@@ -52,7 +63,8 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> None:
+def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str, site: str) -> bool:
+    """Warn (and return True) if `value`'s first size is the site's batch size."""
     batch = like.shape[0]
     if batch > 1 and value.shape[0] == batch:
         per_example = (batch, *([1] * (like.dim() - value.dim())), *value.shape[1:])
@@ -65,6 +77,8 @@ def _warn_if_batch_like(value: torch.Tensor, like: torch.Tensor, statement: str,
             LayoutWarning,
             stacklevel=2,
         )
+        return True
+    return False
 
 
 def call(function, *args) -> torch.Tensor:
@@ -227,7 +241,7 @@ def receive_grad(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     Without gradients the caller passes a zero that needs no gradient and `x` comes back as it
     is (`save grad`). (A 0-dim delta may be a real one: the gradient of a single element.)
     """
-    return x + delta if delta.requires_grad else x
+    return x + delta.to(x.dtype) if delta.requires_grad else x
 
 
 def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor, where: str | None = None) -> torch.Tensor:
@@ -235,7 +249,7 @@ def receive_grad_at(x: torch.Tensor, index: tuple, delta: torch.Tensor, where: s
     if not delta.requires_grad:
         return x
     out = x.clone()
-    _put(out, index, region(x, index, where) + delta)
+    _put(out, index, region(x, index, where) + delta.to(x.dtype))
     return out
 
 

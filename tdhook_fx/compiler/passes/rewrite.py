@@ -15,7 +15,7 @@ from torch import fx
 
 from tdhook_fx.compiler.capture import Capture
 from tdhook_fx.compiler.capture.taps import is_tap
-from tdhook_fx.compiler.graphs import fetch_attr, is_impure, readable
+from tdhook_fx.compiler.graphs import detached, fetch_attr, is_impure, readable
 from tdhook_fx.compiler.ir import ResolvedProgram
 from tdhook_fx.compiler.passes.grad import insert_save_grad, insert_set_grad, move_grad_inputs_last
 from tdhook_fx.compiler.passes.meta import INSERTED, SITE
@@ -28,6 +28,7 @@ from tdhook_fx.compiler.passes.save import insert_save
 from tdhook_fx.compiler.passes.set_value import insert_set
 from tdhook_fx.compiler.passes.steer import insert_steer
 from tdhook_fx.compiler.passes.stop import insert_stop
+from tdhook_fx.compiler.sources import generated_code
 
 PASSES = {
     "save": insert_save,
@@ -85,7 +86,9 @@ def _finish(ctx: RewriteContext, extra: dict[str, fx.Node]) -> Rewritten:
         if node.op in ("get_attr", "call_module"):
             own = node.target in ctx.attributes
             root[node.target] = ctx.attributes[node.target] if own else fetch_attr(ctx.capture.graph_module, node.target)
-    graph_module = fx.GraphModule(root, graph, class_name="Rewritten")
+    with generated_code([]) as keep:
+        graph_module = detached(fx.GraphModule(root, graph, class_name="Rewritten"))
+        keep.append(graph_module)
     sources = tuple((source, i) for source, nodes in ctx.source_inputs.items() for i in range(len(nodes)))
     return Rewritten(graph_module, tuple(ctx.runtime), sources, not ctx.stopped, saved_names, grad_names)
 
