@@ -144,6 +144,33 @@ def translate(path: ast.Path, model: nn.Module) -> str | None:
     return target.replace("{L}", f"{prefix}{family.layers}{layer}")
 
 
+# Why a family has no site for a TransformerLens name that another family has.
+_LACKING = {
+    ("gpt_neox", "hook_resid_mid"): "its blocks add attention and MLP to the residual stream in parallel "
+    "(use_parallel_residual): there is no residual between them; read blocks.L.hook_attn_out or hook_mlp_out",
+    ("llama", "mlp.hook_pre"): "its MLP is gated (act(gate_proj(x)) * up_proj(x)): read the projections "
+    "themselves, e.g. model.layers[L].mlp.gate_proj",
+    ("bert", "ln1"): "BERT normalises after each sublayer: read model.encoder.layer[L].attention.output.LayerNorm",
+    ("bert", "ln2"): "BERT normalises after each sublayer: read model.encoder.layer[L].output.LayerNorm",
+    ("bert", "ln_final"): "an encoder without a final norm: blocks.L.hook_resid_post of the last layer is its output",
+    ("bert", "unembed"): "a base encoder has no unembedding",
+}
+
+
+def lacking(path: ast.Path, model: nn.Module) -> tuple[str, str] | None:
+    """(message, hint) for a TransformerLens name another family has and this model's lacks."""
+    found = family_of(model)
+    if found is None or not is_tl_style(path):
+        return None
+    segments = path.segments
+    name = _dotted(segments[2:]) if segments[0].name == "blocks" else _dotted(segments)
+    table = "block" if segments[0].name == "blocks" else "top"
+    if not name or not any(name in getattr(f, table) for f in FAMILIES.values()):
+        return None
+    why = _LACKING.get((found[0], name), f"the {found[0]} family has no counterpart of it in this table")
+    return f"this {found[0]} model has no site for the TransformerLens name '{path}'", why
+
+
 def suggestions(path: ast.Path, model: nn.Module) -> list[str]:
     """Close TransformerLens names, each with the site it stands for: "blocks.0.hook_resid_post = transformer.h.0"."""
     found = family_of(model)

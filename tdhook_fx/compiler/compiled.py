@@ -13,14 +13,14 @@ from torch import nn
 
 from tdhook_fx.compiler import call_path
 from tdhook_fx.compiler.call_path import check_batch, runner_of
-from tdhook_fx.compiler.capture import Capture, SiteTable, join_keys, key_name
+from tdhook_fx.compiler.capture import Capture, join_keys, key_name
 from tdhook_fx.compiler.capture.call_plan import example_inputs
 from tdhook_fx.compiler.capture.state import guard, rebind, state_key
 from tdhook_fx.compiler.graphs import fetch_attr
-from tdhook_fx.compiler.ir import ResolvedProgram, has_runtime_values
+from tdhook_fx.compiler.ir import has_runtime_values
 from tdhook_fx.compiler.lru import LRU
 from tdhook_fx.compiler.passes.grad import region_shape, site_shapes
-from tdhook_fx.compiler.passes.rewrite import Rewritten
+from tdhook_fx.compiler.values import runtime_entry
 from tdhook_fx.compiler.variants import Variant, build, carry_tensors, check_same_interface, own_tensors
 from tdhook_fx.errors import BindingError, ExportError, TdhookFxError
 from tdhook_fx.syntax.ast import variables
@@ -104,8 +104,12 @@ class CompiledModule(nn.Module):
 
     @property
     def code(self) -> str:
-        """The rewritten forward, as Python."""
-        return self.graph_module.code
+        """The rewritten forward, as Python (after a comment naming the site each TransformerLens
+        name of the program stands for, if it has any)."""
+        if not self.resolved.aliases:
+            return self.graph_module.code
+        names = "".join(f"#   {written} = {own}\n" for written, own in self.resolved.aliases)
+        return "# TransformerLens names in the program, and this model's sites they stand for:\n" + names + self.graph_module.code
 
     @property
     def graph(self):
@@ -258,9 +262,15 @@ class CompiledModule(nn.Module):
         return self.__dict__["_fast"](self, args, kwargs)  # call_path: the generated call, or the general one
 
     def _call(self, args, kwargs):
-        """The call, for any arguments (the generated eager call, `call_path`, defers to it)."""
-        if len(args) == 1 and not kwargs and isinstance(args[0], TensorDictBase):
-            return self._call_tensordict(args[0])
+        """The call, for any arguments (the generated eager call, `call_path`, defers to it).
+
+        `cm(td, name=value)` gives runtime values for this call only, next to a TensorDict (they
+        win over its entries of the same name), as `cm(*tensors, name=value)` does."""
+        if len(args) == 1 and isinstance(args[0], TensorDictBase):
+            for name in kwargs:
+                if name not in self.runtime_names:
+                    raise BindingError(_unknown_name(name, self.runtime_names))
+            return self._call_tensordict(args[0], kwargs)
         return self._call_tensors(args, kwargs)
 
     @torch.compiler.disable(recursive=False)
@@ -273,10 +283,13 @@ class CompiledModule(nn.Module):
         """
         return self._call(args, kwargs)
 
-    def _call_tensordict(self, td: TensorDictBase) -> TensorDictBase:
+    def _call_tensordict(self, td: TensorDictBase, values: dict | None = None) -> TensorDictBase:
         inputs = [_get(td, key, "model input") for key in self.in_keys]
         variant = self._variant_for(inputs)
-        runtime = [self._runtime(name, td.get(name, None)) for name in self.runtime_names]
+        values = values or {}
+        runtime = [
+            self._runtime(name, values[name] if name in values else runtime_entry(td, name)) for name in self.runtime_names
+        ]
         sources = [_get(td, join_keys(source, key), "patch source") for source, key in self.patch_inputs]
         deltas = self._grad_deltas(inputs, runtime)
         outputs = self._run_graph(variant, *inputs, *runtime, *sources, *deltas)
@@ -410,7 +423,7 @@ class CompiledModule(nn.Module):
         check_same_interface(self._first, variant.rewritten)
         carry_tensors(current.rewritten.graph_module, variant.rewritten.graph_module)
         if not variant.guard(inputs):
-            raise TdhookFxError("internal error: a rewrite made for the model's state does not fit it")  # noqa: EM101
+            raise TdhookFxError("internal error: a rewrite made for the model's state does not fit it")
         return variant
 
     def _apply(self, fn, recurse=True):

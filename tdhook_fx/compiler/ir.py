@@ -69,6 +69,7 @@ class ResolvedProgram:
     patch_sources: tuple[str, ...]  # input groups that patches read, e.g. ("patched",)
     saved_names: tuple[str, ...] = field(default=())
     text: str | None = None  # the program text, for located errors found while rewriting
+    aliases: tuple[tuple[str, str], ...] = ()  # (TransformerLens name as written, this model's site)
 
     @property
     def stops(self) -> bool:

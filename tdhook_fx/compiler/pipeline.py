@@ -8,7 +8,7 @@ from torch import nn
 
 from tdhook_fx.compiler import variants
 from tdhook_fx.compiler.capture import SiteTable, capture
-from tdhook_fx.compiler.capture.call_plan import example_inputs
+from tdhook_fx.compiler.capture.call_plan import check_written_keys, example_inputs
 from tdhook_fx.compiler.compiled import CompiledModule
 from tdhook_fx.syntax.ast import Program
 from tdhook_fx.syntax.parse import parse
@@ -43,6 +43,7 @@ def compile(  # noqa: A001 - the public name the project promises
     ast = parse(program, source=source) if isinstance(program, str) else program
     inputs = example_inputs(example, in_keys)
     variant = variants.build(model, ast, text, source, inputs, in_keys, out_keys, frontend)
+    check_written_keys(in_keys, out_keys, variant.rewritten.saved_names)
     compiled = CompiledModule(variant, model, inputs, source=source)
     compiled.example_inputs = inputs
     compiled.compile_seconds = time.perf_counter() - start

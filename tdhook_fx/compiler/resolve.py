@@ -96,6 +96,7 @@ class _Resolver:
         self.stop: Intervention | None = None
         self.edited: set[str] = set()  # parameters a set/steer edits (a prune must come before)
         self.ruled: dict = {}  # (module, call) -> its rule statement
+        self.aliases: dict[str, str] = {}  # TransformerLens name as written -> this model's site
 
     def run(self, program: ast.Program) -> ResolvedProgram:
         deep = ast.too_deep(program)  # a parsed program is checked already; one built by hand is here
@@ -116,6 +117,7 @@ class _Resolver:
             tuple(self.patch_sources),
             tuple(self.saved),
             self.text,
+            tuple(self.aliases.items()),
         )
 
     # ---- statements ---------------------------------------------------------------------------
@@ -393,6 +395,7 @@ class _Resolver:
         translated = self._transformer_lens(site)
         if translated is not None:
             text, own = translated
+            self.aliases[str(site.path)] = text
             try:
                 return self._activation_sites(own, many_ok)
             except _Problem as problem:
@@ -432,6 +435,9 @@ class _Resolver:
             return None
         text = aliases.translate(path, self.sites.model)
         if text is None:
+            lacking = aliases.lacking(path, self.sites.model)
+            if lacking is not None:
+                raise _Problem(path.span, lacking[0], lacking[1])
             close = aliases.suggestions(path, self.sites.model)
             if not close:
                 return None

@@ -14,6 +14,7 @@ import torch
 from tensordict import TensorDict, TensorDictBase
 
 from tdhook_fx.compiler.capture import key_name
+from tdhook_fx.compiler.values import runtime_entry
 from tdhook_fx.errors import GenerationError
 from tdhook_fx.generation.run import Generated, Generation
 from tdhook_fx.generation.sampling import DecodingOptions, decoding_options
@@ -55,7 +56,8 @@ def _prepare(cm, inputs, max_new_tokens, generation_kwargs) -> tuple[Generation,
     options, model_inputs = decoding_options(model, ids.shape[1], _with_max_new(generation_kwargs, max_new_tokens))
     values = dict(cm.bound_values())
     if isinstance(inputs, TensorDictBase):
-        values.update({n: inputs.get(n) for n in cm.runtime_names if inputs.get(n, None) is not None})
+        entries = {n: runtime_entry(inputs, n) for n in cm.runtime_names}
+        values.update({n: v for n, v in entries.items() if v is not None})
     return Generation(model, ids, model_inputs.get("attention_mask", mask), options.max_new_tokens), options, values
 
 

@@ -53,6 +53,8 @@ def test_transformer_lens_names_resolve_to_the_models_sites(family):
     assert [i.site.name for i in cm.resolved.interventions] == list(names.values())
     listing = str(cm.resolved)
     assert all(f"save {name}" in listing for name in names)  # the alias shown with the site it stands for
+    header = cm.code.split("\n\n")[0]  # cm.code starts by naming what each alias stands for
+    assert all(f"#   {name} = " in header for name in names)
 
 
 def test_selectors_and_indices_carry_over(samples):
@@ -69,6 +71,28 @@ def test_an_unknown_transformer_lens_name_suggests_ours(samples):
         tdhook_fx.compile(sample.model, "save blocks.0.hook_resid_pst", example=sample.example,
                           in_keys=sample.in_keys, out_keys=sample.out_keys)
     assert "did you mean blocks.0.hook_resid_post = transformer.h.0" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "family, name, hint",
+    [
+        ("gpt_neox", "blocks.0.hook_resid_mid", "in parallel"),
+        ("llama", "blocks.0.mlp.hook_pre", "gated"),
+        ("bert", "ln_final", "without a final norm"),
+        ("bert", "unembed", "no unembedding"),
+    ],
+)
+def test_a_name_the_family_lacks_says_why(family, name, hint):
+    sample = FACTORIES[family]()
+    with pytest.raises(tdhook_fx.ResolutionError) as raised:
+        tdhook_fx.compile(sample.model, f"save {name}", example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    assert f"has no site for the TransformerLens name '{name}'" in str(raised.value) and hint in str(raised.value)
+
+
+def test_code_without_aliases_is_the_graphs_own(samples):
+    sample = samples("gpt2")
+    cm = tdhook_fx.compile(sample.model, "save transformer.h[0]", example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    assert cm.code == cm.graph_module.code
 
 
 def test_other_models_keep_their_own_names(samples):

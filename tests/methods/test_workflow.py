@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from tdhook import latent as tdhook_latent
@@ -9,10 +11,17 @@ from tdhook import workflow as tdhook_workflow
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
 
-from tdhook_fx import latent, workflow
+from tdhook_fx import latent, workflow, zoo
 from tdhook_fx.compiler import call_path, compiled
 from tdhook_fx.errors import InvalidArgument
 from tests.methods.helpers import assert_same_tensordict
+
+
+@pytest.fixture
+def mlp(mlp):
+    """A copy of the session's model per test: a module compiled on the shared model by an earlier
+    test has its generated call bound to the runner already, and `graph_runs` would not see it."""
+    return zoo.Sample(copy.deepcopy(mlp.model), mlp.example.clone())
 
 
 class Recorder:

@@ -55,6 +55,30 @@ def join_keys(prefix, key) -> tuple:
     return (*prefix, *key)
 
 
+def check_written_keys(in_keys, out_keys, saved_names, sources=()) -> None:
+    """A TensorDict call writes the out_keys and ("saved", name) for each saved value: no two of
+    them may be the same key or hold one another ("saved" as an out_key would be replaced by the
+    TensorDict of saved values), and none may hold an input key or sit inside one. Writing over
+    an input key itself is allowed (inputs are read first), as in tdhook."""
+    written = [("out_keys", _key_tuple(k)) for k in out_keys] + [("a saved value", ("saved", n)) for n in saved_names]
+    read = [("in_keys", _key_tuple(k)) for k in in_keys] + [("a patch source", _key_tuple(k)) for k in sources]
+    for i, (what, key) in enumerate(written):
+        for j, (other_what, other) in enumerate(written[:i] + read):
+            shorter, longer = sorted((key, other), key=len)
+            overwrite = j >= i and key == other  # an output written over an input
+            if longer[: len(shorter)] == shorter and not overwrite:
+                raise BindingError(
+                    f"the key {key_name(key)!r} ({what}) collides with {key_name(other)!r} ({other_what}): a TensorDict "
+                    "call writes every output and saved value at its own key\n"
+                    "  hint: rename one of them; saved values go to (\"saved\", name), so no in or out key may be "
+                    "\"saved\" or (\"saved\", a saved name)"
+                )
+
+
+def _key_tuple(key) -> tuple:
+    return key if isinstance(key, tuple) else (key,)
+
+
 def plan_call(model: nn.Module, in_keys, out_keys, inputs: Sequence[torch.Tensor]) -> tuple[CallPlan, tuple]:
     """Decide how to call `model` and pick its outputs; returns the plan and eager outputs."""
     parameters = _forward_parameters(model)
