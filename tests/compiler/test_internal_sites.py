@@ -34,12 +34,9 @@ def _eager(model):
     return eager
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_attention_sites_under_sdpa_equal_eager_attention(family):
-    factory, attention = FAMILIES[family]
-    sample = factory()
+def _attention_program(attention: str) -> str:
     a0, a1 = attention.format(0), attention.format(1)
-    program = f"""
+    return f"""
         save {a0}:q
         save {a0}:k
         save {a0}:v
@@ -49,6 +46,32 @@ def test_attention_sites_under_sdpa_equal_eager_attention(family):
         steer {a1}:k[:, 0] *= 2
         save {a1}:pattern
     """
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_sites_of_eager_attention_equal_the_reference_and_sdpa(family):
+    # A model built with eager attention computes the pattern step by step: the same names
+    # address those values (q and k the first product's operands, ..., v the second's).
+    factory, attention = FAMILIES[family]
+    sample = factory()
+    eager, program = _eager(sample.model), _attention_program(attention)
+    keys = dict(example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    got = tdhook_fx.compile(eager, program, **keys)(sample.example.clone())
+    want = reference.run(eager, program, sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
+    fused = tdhook_fx.compile(sample.model, program, **keys)(sample.example.clone())
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got[key], fused[key], rtol=1e-5, atol=1e-6)
+    inside = tdhook_fx.sites(eager, **keys).inside(attention.format(0).replace("[", ".").replace("]", ""))
+    assert {"q", "k", "v", "scores", "pattern"} <= {site.item for site in inside}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_sites_under_sdpa_equal_eager_attention(family):
+    factory, attention = FAMILIES[family]
+    sample = factory()
+    a0 = attention.format(0)
+    program = _attention_program(attention)
     compiled = tdhook_fx.compile(sample.model, program, example=sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
     got = compiled(sample.example)
     want = reference.run(_eager(sample.model), program, sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys)
@@ -138,6 +161,7 @@ def test_pattern_equals_the_fused_call_when_untouched():
         "save blocks[1]:add_0\nset blocks[0].attn:softmax_0[:, 0] = 0",
         "patch blocks[0]:add_0[:, 1]",
         "save blocks[0].attn:matmul_0 as scores\nstop blocks[0].attn:matmul_1",
+        "set blocks[0].attn:pattern[:, 1] = 0\nsteer blocks[1].attn:k *= 2\nsave blocks[1].attn:v\nsave blocks[1].attn:scores",
     ],
 )
 def test_operation_sites_equal_the_reference(program, samples):

@@ -8,7 +8,11 @@ depend only on the module's code, so they are the same for every layer and every
 
 Each fused attention call (`scaled_dot_product_attention`) adds the sites `q`, `k`, `v`,
 `scores` and `pattern` (`tdhook_fx.compiler.attention`), a second one in the same call
-`q_1`, `k_1`, ...
+`q_1`, `k_1`, ... A module call whose own code does attention step by step (eager attention:
+`matmul(q, k^T)`, ..., `softmax`, ..., `matmul(pattern, v)`) gets the same names for those
+values: `q` and `k` the first product's operands (`k` before its transpose), `scores` the
+softmax's input, `pattern` the second product's left operand without its dropout (the softmax
+after its cast to the queries' dtype), `v` its right operand.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ def internal_ops(graph_module: fx.GraphModule) -> list[InternalOp]:
     graph order. Which of them hold one tensor is for the caller to check (on a run)."""
     found: list[InternalOp] = []
     counts: dict[tuple, int] = {}
+    own: dict[tuple, list[tuple[fx.Node, str]]] = {}  # module call -> its (node, operation), in order
     for node in graph_module.graph.nodes:
         if node.op not in ("call_function", "call_method") or is_tap(node) or mutates(node, graph_module):
             continue
@@ -66,7 +71,61 @@ def internal_ops(graph_module: fx.GraphModule) -> list[InternalOp]:
         number = counts.get((*owner, operation), 0)
         counts[(*owner, operation)] = number + 1
         found.append(InternalOp(*owner, f"{operation}_{number}", node.name, _describe(node)))
+        own.setdefault(owner, []).append((node, operation))
+    for owner, nodes in own.items():
+        if not any(op.attention is not None for op in found if (op.module, op.call) == owner):
+            found.extend(_eager_attention(owner, nodes))
     return found
+
+
+_PATTERN_STEPS = ("dropout", "native_dropout", "to", "type", "_to_copy", "contiguous")
+
+
+def _eager_attention(owner: tuple[str, int], nodes: list[tuple[fx.Node, str]]) -> list[InternalOp]:
+    """The attention sites of a module call that computes attention step by step: for each
+    softmax, the last product before it that it depends on and the first product after it
+    that reads it (through a cast or dropout)."""
+    found: list[InternalOp] = []
+    for i, (softmax, operation) in enumerate(nodes):
+        if operation not in ("softmax", "_softmax") or not isinstance(softmax.args[0], fx.Node):
+            continue
+        first = next((n for n, o in reversed(nodes[:i]) if o == "matmul" and _reaches(n, softmax)), None)
+        second = next((n for n, o in nodes[i + 1 :] if o == "matmul" and _from_pattern(n.args[0], softmax)), None)
+        if first is None or second is None or not all(isinstance(a, fx.Node) for a in (*first.args[:2], *second.args[:2])):
+            continue
+        key = first.args[1]
+        if operation_name(key) in ("transpose", "t") and isinstance(key.args[0], fx.Node):
+            key = key.args[0]
+        else:
+            continue  # a key that is not transposed here: no (batch, heads, seq, head_dim) value to name
+        pattern = second.args[0]
+        while operation_name(pattern) in ("dropout", "native_dropout") and isinstance(pattern.args[0], fx.Node):
+            pattern = pattern.args[0]
+        suffix = f"_{len(found) // 5}" if found else ""
+        for name, node in (("q", first.args[0]), ("k", key), ("v", second.args[1]), ("scores", softmax.args[0]), ("pattern", pattern)):
+            found.append(InternalOp(*owner, name + suffix, node.name, f"eager attention {name} ({_describe(node)})"))
+    return found
+
+
+def _reaches(node: fx.Node, target: fx.Node, limit: int = 8) -> bool:
+    """Whether `target` is computed from `node` within `limit` steps (scale, mask, cast)."""
+    frontier = [target]
+    for _ in range(limit):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        if node in frontier:
+            return True
+    return False
+
+
+def _from_pattern(value, softmax: fx.Node) -> bool:
+    """Whether `value` is the softmax's output, after casts and dropout only."""
+    while isinstance(value, fx.Node):
+        if value is softmax:
+            return True
+        if operation_name(value) not in _PATTERN_STEPS:
+            return False
+        value = value.args[0]
+    return False
 
 
 def module_call(node: fx.Node) -> tuple[str, int] | None:
