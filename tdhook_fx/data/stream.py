@@ -21,7 +21,6 @@ ranks); a finished directory is returned as it is.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import shutil
@@ -35,6 +34,7 @@ from tdhook_fx.data.batches import BatchSource
 from tdhook_fx.data.finish import Plan, create, fill
 from tdhook_fx.data.layout import Layout, read_json, write_json
 from tdhook_fx.data.parts import Part, read_part
+from tdhook_fx.data.progress import progress_bar
 from tdhook_fx.data.ranks import Ranks
 from tdhook_fx.data.rows import Rows
 from tdhook_fx.errors import TdhookFxError
@@ -178,27 +178,10 @@ def _seal(path: Path, plan: Plan, settings: dict, count: int) -> None:
     shutil.rmtree(path / COLLECTING)
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
 def _progress_bar(source: BatchSource, ranks: Ranks, done: set[int], progress: bool | None, description: str):
     """tqdm on rank 0 when asked, or by default when standard error is a terminal."""
-    shown = sys.stderr.isatty() if progress is None else progress
-    if not shown or ranks.rank != 0:
-        yield _NoBar()
-        return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if progress:
-            raise TdhookFxError("progress=True needs tqdm\n  hint: pip install tqdm") from None
-        yield _NoBar()
-        return
+    shown = (sys.stderr.isatty() if progress is None else progress) and ranks.rank == 0
     total = None
     if source.count is not None:
         total = sum(1 for n in range(source.count) if ranks.owns(n) and n not in done)
-    with tqdm(total=total, desc=description, unit="batch") as bar:
-        yield bar
+    return progress_bar(shown, progress, total=total, desc=description, unit="batch")

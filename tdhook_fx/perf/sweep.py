@@ -48,6 +48,7 @@ from tdhook_fx.compiler.capture.call_plan import example_inputs
 from tdhook_fx.compiler.capture.sites import SiteInfo
 from tdhook_fx.compiler.pipeline import DEFAULT_IN_KEYS, DEFAULT_OUT_KEYS
 from tdhook_fx.compiler.resolve import DEFAULT_PATCH_SOURCE, match_sites
+from tdhook_fx.data.progress import progress_bar
 from tdhook_fx.errors import BindingError, TdhookFxError
 from tdhook_fx.perf.split import Cut, cut
 
@@ -376,27 +377,10 @@ def _measure(run):
 # ---- progress and result ------------------------------------------------------------------------
 
 
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-
-@contextlib.contextmanager
 def _progress_bar(total: int, progress: bool | None):
     """tqdm when asked (`progress=True`) or, by default, once a sweep has run a couple of seconds."""
-    if progress is False:
-        yield _NoBar()
-        return
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        if progress:
-            raise TdhookFxError("progress=True needs tqdm\n  hint: pip install tqdm") from None
-        yield _NoBar()
-        return
     delay = 0.0 if progress else PROGRESS_DELAY_SECONDS
-    with tqdm(total=total, desc="patching sweep", unit="run", delay=delay, leave=bool(progress)) as bar:
-        yield bar
+    return progress_bar(progress is not False, progress, total=total, desc="patching sweep", unit="run", delay=delay, leave=bool(progress))
 
 
 def _stacked(per_site: list[list]) -> dict[str, torch.Tensor]:
