@@ -455,11 +455,18 @@ class _Inside(TorchFunctionMode):
         return self._apply(f"{operation}_{number}", result)
 
     def _attention(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        """A fused attention call done step by step, as eager attention does it (see the module docstring)."""
-        if enable_gqa:
+        """A fused attention call done step by step, as eager attention does it (see the module
+        docstring), when a statement touches its scores or pattern; with q, k or v alone the fused
+        call itself runs on the changed inputs (as the compiled graph keeps it)."""
+        if enable_gqa and (self._wants("k") or self._wants("v") or self._wants("scores") or self._wants("pattern")):
             key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
             value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
+            enable_gqa = False
         q, k, v = self._apply("q", query), self._apply("k", key), self._apply("v", value)
+        if not (self._wants("scores") or self._wants("pattern")):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa
+            )
         scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.size(-1) ** -0.5)
         lowest = torch.finfo(scores.dtype).min
         if is_causal:
