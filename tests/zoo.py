@@ -145,7 +145,7 @@ def gpt2() -> Sample:
 
 
 SMALL = {"mlp": zoo.mlp, "cnn": cnn, "tiny_transformer": tiny_transformer}
-HUGGING_FACE = {"gpt2": gpt2, "bert": bert, "llama": llama}
+HUGGING_FACE = {"gpt2": gpt2, "bert": bert, "llama": llama, "gpt_neox": zoo.gpt_neox}
 PRETRAINED = {"minilm": zoo.minilm}
 ALL = {**SMALL, **HUGGING_FACE, **PRETRAINED}
 

@@ -14,7 +14,7 @@ from tensordict import TensorDict
 from tdhook_fx.testing import inputs_like
 from tests.compiler.properties import check_against_reference
 
-MODELS = ["mlp", "cnn", "tiny_transformer", "gpt2", "bert", "llama", "minilm"]
+MODELS = ["mlp", "cnn", "tiny_transformer", "gpt2", "bert", "llama", "gpt_neox", "minilm"]
 
 
 @pytest.mark.parametrize("name", MODELS)
