@@ -33,7 +33,8 @@ def generated_code(keep: list[fx.GraphModule]) -> Iterator[list[fx.GraphModule]]
         if isinstance(start, int):
             kept = {_key_of(module) for module in keep}
             made = {f"{_PREFIX}{i}" for i in range(start, loader.next_id)}
-            for key in [k for k in loader.eval_cache if _base(k) in made and k not in kept]:
+            # a copy (one step under the GIL): other threads' fx code adds entries meanwhile
+            for key in [k for k in loader.eval_cache.copy() if _base(k) in made and k not in kept]:
                 _forget(key)
             for module, key in zip(keep, map(_key_of, keep)):
                 if key is not None and _base(key) in made:
