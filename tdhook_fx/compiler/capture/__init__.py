@@ -12,6 +12,7 @@ from functools import cached_property
 import torch
 from torch import fx, nn
 
+from tdhook_fx.compiler.capture import disk
 from tdhook_fx.compiler.capture import export as export_frontend
 from tdhook_fx.compiler.capture import trace as trace_frontend
 from tdhook_fx.compiler.capture.call_plan import CallPlan, join_keys, key_name, model_call, plan_call
@@ -25,9 +26,9 @@ from tdhook_fx.compiler.capture.state import (
     rebind,
     state_key,
 )
-from tdhook_fx.compiler.capture.taps import SiteKey, Tapper
+from tdhook_fx.compiler.capture.taps import SiteKey, Tapper, is_tap
 from tdhook_fx.compiler.capture.user_hooks import refuse_user_hooks
-from tdhook_fx.compiler.graphs import mutates
+from tdhook_fx.compiler.graphs import detached, mutates
 from tdhook_fx.compiler.lru import LRU
 from tdhook_fx.compiler.sources import generated_code
 from tdhook_fx.errors import CaptureError
@@ -144,10 +145,18 @@ def _sites(capture: Capture, model: nn.Module, inputs: tuple, shapes: tuple) -> 
 
 def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
     start = time.perf_counter()
+    entry = disk.entry_name(model, inputs, in_keys, out_keys, frontend) if disk.enabled() else None
+    stored = disk.load(entry, model) if entry is not None else None
     torch.manual_seed(0)  # the eager run and each front end's check draw the same dropout masks
-    with Tapper(model, mark=False).hooks() as eager_tapper:
+    with Tapper(model, mark=False, record=stored is not None).hooks() as eager_tapper:
         plan, eager = plan_call(model, in_keys, out_keys, inputs)
     eager_sites = frozenset(key.name for key in eager_tapper.sites)
+    if stored is not None:
+        graph_module, name, keys = stored
+        if _reproduces(graph_module, inputs, eager, eager_tapper.values):
+            return Capture(
+                detached(graph_module), name, plan, keys, eager_sites, time.perf_counter() - start, held_objects(model)
+            )
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
         with generated_code([]) as keep:  # torch.export makes (and drops) dozens of graph modules
@@ -161,6 +170,8 @@ def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
                 continue
             keep.append(graph_module)
         keys = {key.name: key for key in tapper.sites}
+        if entry is not None:
+            disk.save(entry, graph_module, name, keys)
         return Capture(graph_module, name, plan, keys, eager_sites, time.perf_counter() - start, held_objects(model))
     raise CaptureError(_failure_message(model, failures))
 
@@ -192,6 +203,35 @@ def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
     for got, want in zip(outputs, eager):
         if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
             raise CaptureError(f"the {frontend} graph does not reproduce the model's outputs on the example")
+
+
+def _reproduces(graph_module: fx.GraphModule, inputs: tuple, eager: tuple, eager_values: dict) -> bool:
+    """Whether a stored graph computes the eager model's outputs, and the value of every site
+    the eager model also produces, on the example (a tampered entry that decodes does not)."""
+    values = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if is_tap(node):
+                values[node.args[1]] = result
+            return result
+
+    torch.manual_seed(0)
+    try:
+        with torch.no_grad():
+            outputs = Recorder(graph_module).run(*inputs)
+    except Exception:  # noqa: BLE001 - whatever a wrong graph raises: it is not used
+        return False
+    pairs = [*zip(outputs, eager), *((values.get(name), value) for name, value in eager_values.items())]
+    return len(outputs) == len(eager) and all(_close(got, want) for got, want in pairs)
+
+
+def _close(got, want) -> bool:
+    return (
+        isinstance(got, torch.Tensor) and got.shape == want.shape and got.dtype == want.dtype
+        and torch.allclose(got, want, rtol=1e-4, atol=1e-5, equal_nan=True)
+    )
 
 
 def _reason(error: Exception) -> str:
