@@ -235,9 +235,11 @@ def _function(name, where: str):
 
 
 def _aten_packet(name: str):
-    """The aten operator `name` (an OpOverloadPacket) if torch has one, else None."""
+    """The aten operator `name` (an OpOverloadPacket) if torch has one, else None. The lookup in
+    torch's operator namespace returns the packet torch caches (operators compare by identity);
+    a name of a Python attribute of the namespace is refused by the type check."""
     try:
-        packet = torch.ops.aten.__getattr__(name)  # looks the name up in torch's operator registry
+        packet = getattr(torch.ops.aten, name)
     except (AttributeError, RuntimeError):
         return None
     return packet if isinstance(packet, torch._ops.OpOverloadPacket) else None
