@@ -230,3 +230,14 @@ def test_shape_guards_are_kept_as_data(monkeypatch):
     long = torch.zeros(ids.shape[0], 65, dtype=ids.dtype)
     with pytest.raises(StoredGraphInvalid, match="shape guard"):
         check(long, long)
+
+
+def test_a_private_configuration_setting_is_part_of_the_key():
+    """Eager and fused attention give the same outputs and module sites but other graphs (the
+    internal sites differ): the attention implementation, a private config setting, is keyed."""
+    from tdhook_fx import zoo as builtin
+
+    eager, fused = builtin.gpt2(attention="eager"), builtin.gpt2(attention="sdpa")
+    inputs = example_inputs(eager.example, eager.in_keys)
+    names = {disk.entry_name(s.model, inputs, s.in_keys, s.out_keys, "auto") for s in (eager, fused, builtin.gpt2())}
+    assert len(names) == 2

@@ -146,17 +146,18 @@ def _sites(capture: Capture, model: nn.Module, inputs: tuple, shapes: tuple) -> 
 def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
     start = time.perf_counter()
     entry = disk.entry_name(model, inputs, in_keys, out_keys, frontend) if disk.enabled() else None
-    stored = disk.load(entry, model) if entry is not None else None
-    torch.manual_seed(0)  # the eager run and each front end's check draw the same dropout masks
-    with Tapper(model, mark=False, record=stored is not None).hooks() as eager_tapper:
-        plan, eager = plan_call(model, in_keys, out_keys, inputs)
-    eager_sites = frozenset(key.name for key in eager_tapper.sites)
-    if stored is not None:
-        graph_module, name, keys = stored
-        if _reproduces(graph_module, inputs, eager, eager_tapper.values):
-            return Capture(
-                detached(graph_module), name, plan, keys, eager_sites, time.perf_counter() - start, held_objects(model)
-            )
+    with generated_code([]) as keep:  # a stored graph that is not used leaves no source behind
+        stored = disk.load(entry, model) if entry is not None else None
+        torch.manual_seed(0)  # the eager run and each front end's check draw the same dropout masks
+        with Tapper(model, mark=False, record=stored is not None).hooks() as eager_tapper:
+            plan, eager = plan_call(model, in_keys, out_keys, inputs)
+        eager_sites = frozenset(key.name for key in eager_tapper.sites)
+        if stored is not None:
+            graph_module, name, keys = stored
+            if _reproduces(graph_module, inputs, eager, eager_tapper.values):
+                keep.append(graph_module)
+                seconds = time.perf_counter() - start
+                return Capture(detached(graph_module), name, plan, keys, eager_sites, seconds, held_objects(model))
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
         with generated_code([]) as keep:  # torch.export makes (and drops) dozens of graph modules

@@ -4,7 +4,7 @@ Capturing a transformer takes seconds (torch.export). A capture is stored, as JS
 only by tdhook_fx (`stored_graph`: the graph's nodes, never a weight, never pickle or code),
 in `$XDG_CACHE_HOME/tdhook_fx/captures` (`~/.cache/...` by default), under a name hashed
 from everything the capture depends on (`entry_name`): the model's class and configuration,
-each module's type, mode, settings and forward's bytecode, every parameter's and buffer's
+each module's type, mode, plain attributes and forward's bytecode, every parameter's and buffer's
 name, dtype, device and shape, the inputs' dtypes, devices, ranks and fixed sizes, the keys,
 the front end, and the torch, tdhook_fx and Python versions. `TDHOOK_FX_CAPTURE_CACHE=0`
 turns it off.
@@ -57,7 +57,7 @@ def entry_name(model: nn.Module, inputs: tuple, in_keys, out_keys, frontend: str
         "class": _qualified(type(model)),
         "config": _config(model),
         "modules": [
-            [name, _qualified(type(m)), m.training, m.extra_repr(), _code(type(m))]
+            [name, _qualified(type(m)), m.training, m.extra_repr(), _settings(m), _code(type(m))]
             for name, m in model.named_modules(remove_duplicate=False)
         ],
         "tensors": _tensors(model),
@@ -65,7 +65,7 @@ def entry_name(model: nn.Module, inputs: tuple, in_keys, out_keys, frontend: str
         "keys": [repr(tuple(in_keys)), repr(tuple(out_keys))],
         "frontend": frontend,
     }
-    text = json.dumps(described, sort_keys=True, default=repr)
+    text = json.dumps(described, sort_keys=True, default=str)  # dtypes by name
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -73,11 +73,31 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _config(model: nn.Module) -> str | None:
-    """A Hugging Face model's configuration, as JSON (other models: their modules' settings say it)."""
+def _config(model: nn.Module) -> dict | None:
+    """A Hugging Face model's configuration, private settings included (`_attn_implementation`
+    picks another graph with the same outputs and sites); other models: their modules' settings."""
     config = getattr(model, "config", None)
-    to_json = getattr(config, "to_json_string", None)
-    return to_json(use_diff=False) if callable(to_json) else None
+    return None if config is None else _plain(vars(config))
+
+
+def _settings(module: nn.Module) -> dict:
+    """A module's plain attributes (sizes, flags, names: what its forward may branch on)."""
+    return _plain({k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")})
+
+
+def _plain(values: dict) -> dict:
+    """The entries of `values` that are plain data (nested dicts and lists of it, to a depth)."""
+    return {str(k): v for k, v in values.items() if _is_plain(v, 0)}
+
+
+def _is_plain(value, depth: int) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
+        return True
+    if depth < 4 and isinstance(value, (list, tuple)):
+        return all(_is_plain(v, depth + 1) for v in value)
+    if depth < 4 and isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
 
 
 def _code(cls: type) -> str:
