@@ -100,6 +100,11 @@ class CaptureError(TdhookFxError):
     """Neither front end could turn the model into a graph (which failed, why, what to try)."""
 
 
+class StoredGraphInvalid(TdhookFxError):
+    """A stored capture (the persistent capture cache) is damaged, refused by its allow-list, or
+    its inputs break its shape guards; never shown for the cache: the model is captured anew."""
+
+
 class BindingError(TdhookFxError):
     """A runtime value (`$name`) is missing or does not fit its site at call time."""
 

@@ -24,7 +24,7 @@ import torch
 from torch import fx, nn
 
 from tdhook_fx.compiler.capture.taps import TAP
-from tdhook_fx.errors import TdhookFxError
+from tdhook_fx.errors import StoredGraphInvalid
 
 OPS = ("placeholder", "get_attr", "call_function", "call_module", "output")
 GUARDS_MODULE = "_guards_fn"  # torch.export's shape-guard module, replaced by `ShapeGuards`
@@ -49,10 +49,6 @@ NAMED = {"dtype": (torch.dtype, DTYPES), "layout": (torch.layout, LAYOUTS), "mem
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:(0|[1-9][0-9]{0,3}))?")
 COMPARISONS = {"<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne, ">=": operator.ge, ">": operator.gt}
 ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod}
-
-
-class StoredGraphInvalid(TdhookFxError):
-    """A stored capture does not have the expected format (ignored: the model is captured anew)."""
 
 
 class ShapeGuards(nn.Module):
