@@ -205,6 +205,7 @@ class _Recorder:
     """One forward with hooks that apply (or, for patch sources, only record) statements."""
 
     def __init__(self, hooked: _HookedProgram, hooks: dict, record_only: bool):
+        self.applying = 0  # > 0 while a statement runs (its torch calls are not the model's)
         self.hooked = hooked
         self.hooks = hooks
         self.record_only = record_only
@@ -300,6 +301,15 @@ class _Recorder:
     # ---- one statement on one value -------------------------------------------------------------
 
     def apply(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
+        # The statement's own torch calls are not the model's: an enclosing module's interceptor
+        # (a forward hook runs after its module has left `running`) must not count them.
+        self.applying += 1
+        try:
+            return self._apply_statement(statement, value, index, site)
+        finally:
+            self.applying -= 1
+
+    def _apply_statement(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
         if self.record_only:  # a patch source run: remember the site's whole value
             self.saved[site] = value.clone()
             return value
@@ -433,7 +443,7 @@ class _Inside(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        own = bool(self.recorder.running) and self.recorder.running[-1] is self.module
+        own = bool(self.recorder.running) and self.recorder.running[-1] is self.module and not self.recorder.applying
         if own and func is F.scaled_dot_product_attention and any(i in _ATTENTION for _, i, _ in self.statements):
             return self._attention(*args, **kwargs)
         operation = _OPERATIONS.get(getattr(func, "__name__", ""))
