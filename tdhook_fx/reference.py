@@ -49,6 +49,28 @@ from tdhook_fx.syntax import ast
 from tdhook_fx.syntax.parse import parse
 
 
+def _written(statement, value: torch.Tensor, index, operand) -> torch.Tensor:
+    """`value` after a `set` (or `steer` with its operator) of `operand` at `index` (all of it
+    when None); a copy when indexed, the model's tensor itself is never written."""
+    region = value if index is None else value[index]
+    if isinstance(operand, torch.Tensor):
+        operand = operand.to(value.dtype)
+    if isinstance(statement, ast.Set):
+        new_region = torch.empty_like(region).copy_(torch.as_tensor(operand, dtype=value.dtype))
+    else:
+        new_region = {"+=": region + operand, "-=": region - operand, "*=": region * operand}[statement.op]
+    return _placed(value, index, new_region)
+
+
+def _placed(value: torch.Tensor, index, region: torch.Tensor) -> torch.Tensor:
+    """`value` with `region` at `index` (a copy), or `region` itself when index is None."""
+    if index is None:
+        return region
+    new = value.clone()
+    new[index] = region
+    return new
+
+
 class _Stopped(Exception):
     pass
 
@@ -205,6 +227,7 @@ class _Recorder:
     """One forward with hooks that apply (or, for patch sources, only record) statements."""
 
     def __init__(self, hooked: _HookedProgram, hooks: dict, record_only: bool):
+        self.applying = 0  # > 0 while a statement runs (its torch calls are not the model's)
         self.hooked = hooked
         self.hooks = hooks
         self.record_only = record_only
@@ -300,6 +323,15 @@ class _Recorder:
     # ---- one statement on one value -------------------------------------------------------------
 
     def apply(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
+        # The statement's own torch calls are not the model's: an enclosing module's interceptor
+        # (a forward hook runs after its module has left `running`) must not count them.
+        self.applying += 1
+        try:
+            return self._apply_statement(statement, value, index, site)
+        finally:
+            self.applying -= 1
+
+    def _apply_statement(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
         if self.record_only:  # a patch source run: remember the site's whole value
             self.saved[site] = value.clone()
             return value
@@ -319,20 +351,8 @@ class _Recorder:
             new_region = patched if index is None else patched[index]
             if statement.function is not None:
                 new_region = self.hooked.values[statement.function.name](*_copies(region, new_region))
-            new_region = new_region.to(value.dtype)
-        else:
-            operand = self._eval(statement.value, region)
-            if isinstance(operand, torch.Tensor):
-                operand = operand.to(value.dtype)
-            if isinstance(statement, ast.Set):
-                new_region = torch.empty_like(region).copy_(torch.as_tensor(operand, dtype=value.dtype))
-            else:
-                new_region = {"+=": region + operand, "-=": region - operand, "*=": region * operand}[statement.op]
-        if index is None:
-            return new_region
-        new = value.clone()
-        new[index] = new_region
-        return new
+            return _placed(value, index, new_region.to(value.dtype))
+        return _written(statement, value, index, self._eval(statement.value, region))
 
     def hook_grad(self, statement, value: torch.Tensor, index, site: str) -> torch.Tensor:
         """`save grad` / `set grad`: a hook on the site's alias (made on the first grad statement)."""
@@ -433,7 +453,7 @@ class _Inside(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        own = bool(self.recorder.running) and self.recorder.running[-1] is self.module
+        own = bool(self.recorder.running) and self.recorder.running[-1] is self.module and not self.recorder.applying
         if own and func is F.scaled_dot_product_attention and any(i in _ATTENTION for _, i, _ in self.statements):
             return self._attention(*args, **kwargs)
         operation = _OPERATIONS.get(getattr(func, "__name__", ""))
@@ -557,17 +577,7 @@ class _pruned:
             index = segments[-1]
         index = None if index is None else self.hooked.last._index(index)
         region = weight if index is None else weight[index]
-        operand = self.evaluate(statement.value, region)
-        operand = operand.to(weight.dtype) if isinstance(operand, torch.Tensor) else operand
-        if isinstance(statement, ast.Set):
-            new_region = torch.empty_like(region).copy_(torch.as_tensor(operand, dtype=weight.dtype))
-        else:
-            new_region = {"+=": region + operand, "-=": region - operand, "*=": region * operand}[statement.op]
-        if index is None:
-            return new_region
-        new = weight.clone()
-        new[index] = new_region
-        return new
+        return _written(statement, weight, index, self.evaluate(statement.value, region))
 
     def __exit__(self, *exc):
         for handle in self.handles:

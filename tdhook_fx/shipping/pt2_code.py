@@ -200,15 +200,21 @@ _CONSTANTS = frozenset({"true", "false"})
 
 def expression_problem(text: str) -> str | None:
     """Why a symbolic expression is refused, or None when it is in the accepted grammar."""
-    if len(text) > MAX_EXPRESSION:
-        return f"is {len(text)} characters long (at most {MAX_EXPRESSION})"
-    if not _EXPRESSION_CHARACTERS.fullmatch(text):
-        return "has characters outside the sympy constructors torch writes"
+    tree = _parsed(text, MAX_EXPRESSION, _EXPRESSION_CHARACTERS, "the sympy constructors torch writes")
+    return tree if isinstance(tree, str) else _sympy_problem(tree, inside_power=False)
+
+
+def _parsed(text: str, longest: int, characters, allowed: str) -> ast.expr | str:
+    """The expression `text` parsed (never run), or why it is refused before parsing: too long,
+    characters outside `characters`, or no expression."""
+    if len(text) > longest:
+        return f"is {len(text)} characters long (at most {longest})"
+    if not characters.fullmatch(text):
+        return f"has characters outside {allowed}"
     try:
-        tree = ast.parse(text, mode="eval").body
+        return ast.parse(text, mode="eval").body
     except (SyntaxError, MemoryError, RecursionError):
         return "does not parse"
-    return _sympy_problem(tree, inside_power=False)
 
 
 def _sympy_problem(node, inside_power: bool) -> str | None:
@@ -301,14 +307,9 @@ _TENSOR_METHODS = {"size", "stride"}
 
 def guard_problem(code: str, input_names: set[str]) -> str | None:
     """Why a guard is refused, or None when it is a plain check of `input_names`' sizes."""
-    if len(code) > MAX_GUARD:
-        return f"is {len(code)} characters long (at most {MAX_GUARD})"
-    if not _GUARD_CHARACTERS.fullmatch(code):
-        return "has characters outside plain size checks"
-    try:
-        tree = ast.parse(code, mode="eval").body
-    except (SyntaxError, MemoryError, RecursionError):
-        return "does not parse"
+    tree = _parsed(code, MAX_GUARD, _GUARD_CHARACTERS, "plain size checks")
+    if isinstance(tree, str):
+        return tree
     return None if _plain_guard(tree, input_names) else "is not a plain check of the inputs' sizes"
 
 

@@ -180,6 +180,22 @@ def test_an_input_statement_is_not_counted_among_the_modules_own_operations(samp
                       rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize(
+    "name, program",
+    [
+        # Found by the thorough equivalence profile: the statement at a child's output ran in its
+        # forward hook, after the child left the reference's call stack, so the parent's
+        # interceptor counted the statement's own operation as the parent's.
+        ("tiny_transformer", "steer blocks.0.attn:out.0 += 0\nsave blocks.0:add_0 as s1"),
+        ("gpt_neox", "steer gpt_neox.layers.1.attention.query_key_value += 0\nsave gpt_neox.layers.1.attention:mul_0 as s1"),
+    ],
+)
+def test_a_childs_output_statement_is_not_counted_among_the_parents_operations(name, program, samples):
+    sample = samples(name)
+    assert_equivalent(sample.model, program, sample.example, in_keys=sample.in_keys, out_keys=sample.out_keys,
+                      rtol=1e-5, atol=1e-6)
+
+
 def test_gradients_at_the_pattern_equal_the_reference(samples):
     sample = samples("gpt2")
     program = "save grad transformer.h[0].attn:pattern\nset grad transformer.h[1].attn:q = 0"

@@ -16,11 +16,10 @@ import operator
 import torch
 from torch import fx
 
-from tdhook_fx.compiler.graphs import fetch_attr, readable
+from tdhook_fx.compiler.graphs import fetch_attr
 from tdhook_fx.compiler.ir import Intervention
 from tdhook_fx.compiler.passes import ops
-from tdhook_fx.compiler.passes.meta import INSERTED
-from tdhook_fx.compiler.passes.prune import _module_calls, _uses
+from tdhook_fx.compiler.passes.prune import _module_calls, _uses, call_with_parameter
 from tdhook_fx.compiler.passes.rewrite_context import RewriteContext
 from tdhook_fx.errors import Diagnostic, ResolutionError
 from tdhook_fx.syntax import ast
@@ -42,7 +41,7 @@ def insert_parameter_edit(ctx: RewriteContext, intervention: Intervention) -> No
         edited.meta["nn_module_stack"] = user.meta.get("nn_module_stack", {})
         user.update_arg(position, edited)
     for call in calls:
-        _call_with_edited(ctx, call, site.item, intervention)
+        call_with_parameter(ctx, call, site.item, lambda weight, _: _edited(ctx, weight, intervention))
 
 
 def _through_edits(ctx: RewriteContext, node: fx.Node, position: int) -> list[tuple[fx.Node, int]]:
@@ -73,22 +72,3 @@ def _edited(ctx: RewriteContext, weight: fx.Node, intervention: Intervention) ->
         target = torch.full_like if isinstance(value, (int, float)) else ops.filled
         return ctx.call(target, weight, value, name=name)
     return ctx.call(ops.assign, weight, index, value, name=name)
-
-
-def _call_with_edited(ctx: RewriteContext, call: fx.Node, attribute: str, intervention: Intervention) -> None:
-    """A whole-module call run with one parameter edited: torch.func.functional_call."""
-    with ctx.graph.inserting_before(call):
-        if call.op == "call_module":
-            module = ctx.graph.get_attr(call.target)
-            module._rename(readable(f"module_{call.target.removeprefix('model.')}"))
-            overrides, args, kwargs = {}, call.args, call.kwargs
-        else:
-            module, overrides, args, kwargs = call.args
-            overrides = dict(overrides)
-        weight = overrides.get(attribute) or ctx.graph.get_attr(f"{module.target}.{attribute}")
-        overrides[attribute] = _edited(ctx, weight, intervention)
-        new = ctx.call(torch.func.functional_call, module, overrides, tuple(args), dict(kwargs), name=call.name)
-    call.replace_all_uses_with(new)
-    ctx.graph.erase_node(call)
-    ctx.original.add(new)  # still the model's own value (named after its site later)
-    new.meta[INSERTED] = "changed"

@@ -9,6 +9,7 @@ module; a `$importance` mask is computed in the graph from the runtime scores.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 from torch import fx
@@ -49,7 +50,7 @@ def insert_prune(ctx: RewriteContext, intervention: Intervention) -> None:
         masked.meta["nn_module_stack"] = user.meta.get("nn_module_stack", {})  # a later prune finds it
         user.update_arg(position, masked)
     for call in calls:
-        _call_with_masked(ctx, call, site.item, mask)
+        call_with_parameter(ctx, call, site.item, lambda weight, target: ctx.call(operator.mul, weight, mask, name=f"pruned_{target}"))
 
 
 def _module_calls(ctx: RewriteContext, owner: str) -> list[fx.Node]:
@@ -66,8 +67,9 @@ def _module_calls(ctx: RewriteContext, owner: str) -> list[fx.Node]:
     ]
 
 
-def _call_with_masked(ctx: RewriteContext, call: fx.Node, attribute: str, mask: fx.Node) -> None:
-    """Run a whole-module call with one parameter masked: torch.func.functional_call."""
+def call_with_parameter(ctx: RewriteContext, call: fx.Node, attribute: str, edit: Callable[[fx.Node, str], fx.Node]) -> None:
+    """Run a whole-module call with one parameter replaced by `edit(weight, its target)`:
+    torch.func.functional_call (edits of the same call, a prune and a `set PARAM`, compose)."""
     with ctx.graph.inserting_before(call):
         if call.op == "call_module":
             module = ctx.graph.get_attr(call.target)
@@ -76,8 +78,8 @@ def _call_with_masked(ctx: RewriteContext, call: fx.Node, attribute: str, mask: 
         else:
             module, overrides, args, kwargs = call.args
             overrides = dict(overrides)
-        weight = overrides.get(attribute) or ctx.graph.get_attr(f"{module.target}.{attribute}")
-        overrides[attribute] = ctx.call(operator.mul, weight, mask, name=f"pruned_{module.target}.{attribute}")
+        target = f"{module.target}.{attribute}"
+        overrides[attribute] = edit(overrides.get(attribute) or ctx.graph.get_attr(target), target)
         new = ctx.call(torch.func.functional_call, module, overrides, tuple(args), dict(kwargs), name=call.name)
     call.replace_all_uses_with(new)
     ctx.graph.erase_node(call)
