@@ -101,8 +101,12 @@ class CaptureError(TdhookFxError):
 
 
 class StoredGraphInvalid(TdhookFxError):
-    """A stored capture (the persistent capture cache) is damaged, refused by its allow-list, or
-    its inputs break its shape guards; never shown for the cache: the model is captured anew."""
+    """A stored capture (the persistent capture cache) is damaged or refused by its allow-list;
+    never shown: the model is captured anew."""
+
+
+class InputShapeError(TdhookFxError, ValueError):
+    """The inputs break a shape rule of an exported graph (a size bounded or tied to another)."""
 
 
 class BindingError(TdhookFxError):

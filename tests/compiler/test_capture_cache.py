@@ -1,8 +1,11 @@
 """The persistent capture cache: a capture stored by one model object is loaded for another
-of the same kind (as in a later process); a damaged or tampered entry is ignored and rewritten."""
+of the same kind (as in a later process); a damaged or tampered entry is ignored and rewritten;
+the folder is the user's alone, bounded in size, and shown and emptied by `tdhook-fx cache`."""
 
 import dataclasses
 import json
+import os
+import time
 
 import pytest
 import torch
@@ -11,7 +14,11 @@ import tdhook_fx
 import tdhook_fx.compiler.capture as capture_package
 from tdhook_fx.compiler.capture import capture, disk
 from tdhook_fx.compiler.capture.call_plan import example_inputs
-from tdhook_fx.compiler.capture.stored_graph import ShapeGuards, StoredGraphInvalid
+from tdhook_fx.compiler.capture.fingerprint import entry_name
+from tdhook_fx.compiler.capture import shape_guards
+from tdhook_fx.compiler.capture.shape_guards import ShapeGuards
+from tdhook_fx.errors import InputShapeError, StoredGraphInvalid
+from tdhook_fx.shipping import cli
 from tdhook_fx import reference
 from tests import zoo
 
@@ -48,6 +55,12 @@ def only_entry(folder):
     entries = list(folder.glob("*.json"))
     assert len(entries) == 1
     return entries[0]
+
+
+def signature_and_body(entry) -> tuple[bytes, str]:
+    raw = entry.read_bytes()
+    assert raw[disk.SIGNATURE : disk.SIGNATURE + 1] == b"\n"
+    return raw[: disk.SIGNATURE], raw[disk.SIGNATURE + 1 :].decode()
 
 
 @pytest.mark.parametrize("name", ["mlp", "tiny_transformer"])
@@ -104,7 +117,7 @@ def test_the_environment_variable_turns_the_cache_off(cache_folder, monkeypatch)
 def test_a_changed_model_or_input_is_another_entry(change, cache_folder, monkeypatch):
     sample, inputs, _, _ = captured("mlp")
     model, inputs = change(zoo.ALL["mlp"]().model, inputs)
-    assert disk.entry_name(model, inputs, sample.in_keys, sample.out_keys, "auto") != only_entry(cache_folder).stem
+    assert entry_name(model, inputs, sample.in_keys, sample.out_keys, "auto") != only_entry(cache_folder).stem
     runs = FrontEnds(monkeypatch)
     try:
         capture(model, inputs, sample.in_keys, sample.out_keys)
@@ -167,26 +180,101 @@ def changed_site(text: str) -> str:
     return json.dumps(value)
 
 
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
 @pytest.mark.parametrize(
     "tamper", [damaged, garbage, deep, disallowed_target, python_target, missing_weight, changed_op, changed_site]
 )
-def test_a_damaged_or_tampered_entry_is_ignored_and_rewritten(tamper, cache_folder, monkeypatch):
+def test_a_damaged_or_tampered_entry_is_ignored_and_rewritten(tamper, signed, cache_folder, monkeypatch):
+    """Unsigned: the entry edited without the user's key (caught by the signature, before
+    parsing). Signed: as if written with the key (by someone who has it, or by a bug of ours):
+    caught by the parser's bounds, the allow-list, or the check against the eager model."""
     name = "tiny_transformer"
     _, _, first, _ = captured(name)
     entry = only_entry(cache_folder)
-    good = entry.read_text()
-    entry.write_text(tamper(good))
+    signature, good = signature_and_body(entry)
+    if signed:
+        assert disk._write(entry.stem, tamper(good).encode("utf-8", "surrogateescape"))
+    else:
+        entry.write_bytes(signature + b"\n" + tamper(good).encode("utf-8", "surrogateescape"))
     runs = FrontEnds(monkeypatch)
     sample, inputs, second, _ = captured(name)
     assert runs.runs >= 1  # captured anew
     assert second.graph_module.code == first.graph_module.code
-    assert json.loads(entry.read_text()) == json.loads(good)  # and stored anew
+    assert signature_and_body(entry) == (signature, good)  # and stored anew
+
+
+def test_an_entry_signed_with_another_key_or_under_another_name_is_ignored(cache_folder, monkeypatch):
+    """Another user's (or machine's) entry, or an entry copied to the name of another model."""
+    captured("mlp")
+    entry = only_entry(cache_folder)
+    signature, body = signature_and_body(entry)
+    (cache_folder / disk.KEY).write_text(os.urandom(32).hex())  # the entry's key is not the user's now
+    runs = FrontEnds(monkeypatch)
+    captured("mlp")
+    assert runs.runs == 1
+    assert signature_and_body(entry)[0] != signature  # re-signed with the user's key
+    moved = cache_folder / ("0" * 64 + ".json")
+    moved.write_bytes(entry.read_bytes())
+    entry.unlink()
+    monkeypatch.setattr("tdhook_fx.compiler.capture.entry_name", lambda *args: moved.stem)
+    captured("mlp")
+    assert runs.runs == 2
+
+
+def test_files_are_the_users_alone(cache_folder, monkeypatch):
+    captured("mlp")
+    for path in (only_entry(cache_folder), cache_folder / disk.KEY):
+        assert path.stat().st_mode & 0o777 == 0o600
+    (cache_folder / disk.KEY).chmod(0o644)  # readable by others: it signs nothing any more
+    runs = FrontEnds(monkeypatch)
+    captured("mlp")
+    assert runs.runs == 1
+    assert (cache_folder / disk.KEY).stat().st_mode & 0o777 == 0o600  # a new key, entries re-signed
+    captured("mlp")
+    assert runs.runs == 1
+    cache_folder.chmod(0o777)  # others may write into the folder: not read, not written
+    try:
+        entries = {p: p.read_bytes() for p in cache_folder.iterdir()}
+        captured("mlp")
+        assert runs.runs == 2
+        assert {p: p.read_bytes() for p in cache_folder.iterdir()} == entries
+        assert not disk.info()["usable"]
+    finally:
+        cache_folder.chmod(0o700)
+
+
+def test_the_folder_is_bounded_and_tidied(cache_folder, monkeypatch):
+    """The least recently used entries go beyond the limit; a dead writer's temporary file goes
+    after an hour, a live writer's stays."""
+    captured("mlp")
+    old = only_entry(cache_folder)
+    os.utime(old, (time.time() - 60, time.time() - 60))
+    stale, live = cache_folder / ".tmp-stale", cache_folder / ".tmp-live"
+    stale.write_text("x")
+    live.write_text("x")
+    os.utime(stale, (time.time() - 2 * disk.STALE_SECONDS, time.time() - 2 * disk.STALE_SECONDS))
+    monkeypatch.setattr(disk, "MAX_TOTAL", old.stat().st_size * 3 // 2)  # room for one entry
+    sample = zoo.ALL["mlp"]()
+    bigger = example_inputs(sample.example, sample.in_keys)[0][None]  # another input rank: another entry
+    capture(sample.model, (bigger,), sample.in_keys, sample.out_keys)
+    assert not old.exists() and len(list(cache_folder.glob("*.json"))) == 1
+    assert not stale.exists() and live.exists()
+
+
+def test_the_cache_command_shows_and_empties_the_folder(cache_folder, capsys):
+    captured("mlp")
+    assert cli.main(["cache"]) == 0
+    shown = capsys.readouterr().out
+    assert "on" in shown and str(cache_folder) in shown and "entries: 1," in shown
+    assert cli.main(["cache", "clear"]) == 0
+    assert "removed 1 entries" in capsys.readouterr().out
+    assert not list(cache_folder.iterdir())
 
 
 def test_an_oversized_entry_is_not_read(cache_folder, monkeypatch):
     captured("mlp")
     entry = only_entry(cache_folder)
-    monkeypatch.setattr(disk, "MAX_BYTES", entry.stat().st_size - 1)
+    monkeypatch.setattr(disk, "MAX_BYTES", len(signature_and_body(entry)[1]) - 1)
     runs = FrontEnds(monkeypatch)
     captured("mlp")
     assert runs.runs == 1
@@ -212,7 +300,7 @@ def bert_with_mask():
 
 def test_shape_guards_are_kept_as_data(monkeypatch):
     """BERT's export guards its sequence length (<= 64 positions) and the mask's (== the ids'):
-    the stored graph checks the same, as data."""
+    the stored graph checks the same, as data, with the error of a fresh capture."""
     monkeypatch.setitem(zoo.ALL, "bert_with_mask", bert_with_mask)
     _, inputs, first, _ = captured("bert_with_mask")
     guards = first.graph_module.meta["tdhook_fx_shape_guards"]
@@ -221,15 +309,32 @@ def test_shape_guards_are_kept_as_data(monkeypatch):
     runs = FrontEnds(monkeypatch)
     _, _, second, _ = captured("bert_with_mask")
     assert runs.runs == 0
-    check = second.graph_module._guards_fn
-    assert isinstance(check, ShapeGuards)
     ids, mask = inputs
-    check(ids, mask)
-    with pytest.raises(StoredGraphInvalid, match="shape guard"):
-        check(ids, mask[:, :-1])
     long = torch.zeros(ids.shape[0], 65, dtype=ids.dtype)
-    with pytest.raises(StoredGraphInvalid, match="shape guard"):
-        check(long, long)
+    for check in (first.graph_module._guards_fn, second.graph_module._guards_fn):
+        assert isinstance(check, ShapeGuards)
+        check(ids, mask)
+        with pytest.raises(InputShapeError, match=r"attention_mask.size\(1\) == input_ids.size\(1\) \(here 6 and 7"):
+            check(ids, mask[:, :-1])
+        with pytest.raises(InputShapeError, match=r"input_ids.size\(1\) <= 64 \(here 65 and 64"):
+            check(long, long)
+
+
+def test_a_compiled_module_called_with_inputs_that_break_a_guard_says_so():
+    """The user's mistake (a mask shorter than the ids) gets the rule and a fix, whether the
+    capture was fresh or read from the cache."""
+    sample = bert_with_mask()
+    ids, mask = example_inputs(sample.example, sample.in_keys)
+    for _ in range(2):  # the second compile reads the stored capture
+        compiled = tdhook_fx.compile(zoo.bert().model, "save encoder.layer.0", example=(ids, mask), in_keys=sample.in_keys, out_keys=sample.out_keys)
+        with pytest.raises(InputShapeError, match="hint: pass inputs that keep the rule"):
+            compiled(ids, mask[:, :-1])
+
+
+def test_stored_guards_are_checked_before_use():
+    for guards in ([["==", ["size", 2, 0], 3]], [["=", 1, 1]], [["<=", ["size", 0, 99], 1]], [["<=", True, 1]], "x"):
+        with pytest.raises(StoredGraphInvalid):
+            shape_guards.checked(guards, ("input_ids", "attention_mask"))
 
 
 def test_a_private_configuration_setting_is_part_of_the_key():
@@ -239,5 +344,5 @@ def test_a_private_configuration_setting_is_part_of_the_key():
 
     eager, fused = builtin.gpt2(attention="eager"), builtin.gpt2(attention="sdpa")
     inputs = example_inputs(eager.example, eager.in_keys)
-    names = {disk.entry_name(s.model, inputs, s.in_keys, s.out_keys, "auto") for s in (eager, fused, builtin.gpt2())}
+    names = {entry_name(s.model, inputs, s.in_keys, s.out_keys, "auto") for s in (eager, fused, builtin.gpt2())}
     assert len(names) == 2

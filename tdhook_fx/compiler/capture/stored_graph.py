@@ -23,11 +23,11 @@ import re
 import torch
 from torch import fx, nn
 
+from tdhook_fx.compiler.capture.shape_guards import GUARDS_MODULE, ShapeGuards, checked
 from tdhook_fx.compiler.capture.taps import TAP
 from tdhook_fx.errors import StoredGraphInvalid
 
 OPS = ("placeholder", "get_attr", "call_function", "call_module", "output")
-GUARDS_MODULE = "_guards_fn"  # torch.export's shape-guard module, replaced by `ShapeGuards`
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,255}")
 PART = r"(?!__)[A-Za-z0-9_]{1,255}"  # a module or tensor name: no dunder (it would reach Python internals)
 DOTTED = re.compile(rf"{PART}(?:\.{PART}){{0,63}}")
@@ -47,33 +47,6 @@ LAYOUTS = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isi
 MEMORY_FORMATS = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.memory_format)}
 NAMED = {"dtype": (torch.dtype, DTYPES), "layout": (torch.layout, LAYOUTS), "memory_format": (torch.memory_format, MEMORY_FORMATS)}
 DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:(0|[1-9][0-9]{0,3}))?")
-COMPARISONS = {"<=": operator.le, "<": operator.lt, "==": operator.eq, "!=": operator.ne, ">=": operator.ge, ">": operator.gt}
-ARITHMETIC = {"+": operator.add, "-": operator.sub, "*": operator.mul, "//": operator.floordiv, "%": operator.mod}
-
-
-class ShapeGuards(nn.Module):
-    """The shape guards of an exported graph (input sizes compared with numbers or each other),
-    as data: `[comparison, term, term]`, a term an int, `["size", input, dim]` or
-    `[arithmetic, term, term]`. Raises when the inputs break one (as torch.export's guards do)."""
-
-    _is_impure = True  # called for its check only: fx's dead-code elimination keeps it
-
-    def __init__(self, guards: list):
-        super().__init__()
-        self.guards = guards
-
-    def forward(self, *inputs):
-        for comparison, left, right in self.guards:
-            if not COMPARISONS[comparison](_term(left, inputs), _term(right, inputs)):
-                raise StoredGraphInvalid(f"the inputs break the captured graph's shape guard {comparison} {left} {right}")
-
-
-def _term(term, inputs) -> int:
-    if isinstance(term, int):
-        return term
-    if term[0] == "size":
-        return inputs[term[1]].shape[term[2]]
-    return ARITHMETIC[term[0]](_term(term[1], inputs), _term(term[2], inputs))
 
 
 # ---- encoding -------------------------------------------------------------------------------------
@@ -157,15 +130,16 @@ def decode(value, model: nn.Module) -> fx.GraphModule:
     nodes, guards = value["nodes"], value["guards"]
     if not isinstance(nodes, list) or not 0 < len(nodes) <= MAX_NODES:
         raise StoredGraphInvalid("no node list")
-    root = nn.Module()
-    root.add_module("model", model)
-    root.add_module(GUARDS_MODULE, ShapeGuards(_guards(guards)))
     graph = fx.Graph()
     made: dict[str, fx.Node] = {}
     for i, stored in enumerate(nodes):
         _decode_node(graph, stored, made, model, f"node {i}")
     if list(graph.nodes)[-1].op != "output":
         raise StoredGraphInvalid("the graph does not end with its output")
+    root = nn.Module()
+    root.add_module("model", model)
+    names = tuple(node.name for node in graph.nodes if node.op == "placeholder")
+    root.add_module(GUARDS_MODULE, ShapeGuards(checked(guards, names), names))
     graph.lint()
     return fx.GraphModule(root, graph)
 
@@ -284,30 +258,6 @@ def _stack(value, where: str) -> dict:
             raise StoredGraphInvalid(f"{where}: bad module stack entry")
         stack[entry[0]] = (entry[1], entry[2])
     return stack
-
-
-def _guards(value) -> list:
-    if not isinstance(value, list) or len(value) > 4096:
-        raise StoredGraphInvalid("bad shape guards")
-    for guard in value:
-        if not (isinstance(guard, list) and len(guard) == 3 and guard[0] in COMPARISONS):
-            raise StoredGraphInvalid("bad shape guard")
-        _check_term(guard[1], 0)
-        _check_term(guard[2], 0)
-    return value
-
-
-def _check_term(term, depth: int) -> None:
-    if isinstance(term, int) and not isinstance(term, bool):
-        return
-    if depth < 16 and isinstance(term, list) and len(term) == 3:
-        if term[0] == "size" and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 64 for t in term[1:]):
-            return
-        if term[0] in ARITHMETIC:
-            _check_term(term[1], depth + 1)
-            _check_term(term[2], depth + 1)
-            return
-    raise StoredGraphInvalid("bad shape guard term")
 
 
 def _text(value, pattern: re.Pattern) -> bool:
