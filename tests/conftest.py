@@ -31,13 +31,15 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def capture_cache_directory(tmp_path_factory):
-    """The persistent capture cache in a temporary directory of this test process, never the
-    user's (models built again by later tests load their captures from it)."""
+    """The persistent capture cache in a temporary folder of this test process, never the
+    user's, for the processes the tests start too (models built again by later tests load their
+    captures from it)."""
     from tdhook_fx.compiler.capture import disk
 
     folder = tmp_path_factory.mktemp("capture-cache")
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(disk, "directory", lambda: folder)
+        patch.setenv(disk.FOLDER, str(folder))
+        patch.delenv(disk.ENVIRONMENT, raising=False)
         yield folder
 
 

@@ -26,7 +26,7 @@ from tests import zoo
 @pytest.fixture(autouse=True)
 def cache_folder(tmp_path, monkeypatch):
     """A cache of this test's own, on (whatever the environment says)."""
-    monkeypatch.setattr(disk, "directory", lambda: tmp_path)
+    monkeypatch.setenv(disk.FOLDER, str(tmp_path))
     monkeypatch.delenv(disk.ENVIRONMENT, raising=False)
     return tmp_path
 

@@ -2,9 +2,9 @@
 
 Capturing a transformer takes seconds (torch.export). A capture is stored, as JSON written
 only by tdhook_fx (`stored_graph`: the graph's nodes, never a weight, never pickle or code),
-in `$XDG_CACHE_HOME/tdhook_fx/captures` (`~/.cache/...` by default), under a name hashed
-from everything the capture depends on (`fingerprint.entry_name`). `TDHOOK_FX_CAPTURE_CACHE=0`
-turns it off; `tdhook-fx cache info` / `tdhook-fx cache clear` show and empty it.
+in `$XDG_CACHE_HOME/tdhook_fx/captures` (`~/.cache/...` by default; `TDHOOK_FX_CAPTURE_CACHE_DIR`
+names another folder), under a name hashed from everything the capture depends on
+(`fingerprint.entry_name`). `TDHOOK_FX_CAPTURE_CACHE=0` turns it off; `tdhook-fx cache info` / `tdhook-fx cache clear` show and empty it.
 
 A stored entry is hostile like any file. Each is signed with a key of the user's own
 (`key` in the folder, 32 random bytes, mode 0600; the folder must be the user's and not
@@ -43,6 +43,7 @@ from tdhook_fx.compiler.capture.taps import SiteKey
 from tdhook_fx.errors import StoredGraphInvalid
 
 ENVIRONMENT = "TDHOOK_FX_CAPTURE_CACHE"  # "0": no persistent capture cache
+FOLDER = "TDHOOK_FX_CAPTURE_CACHE_DIR"  # another folder for it (the tests use their own)
 MAX_BYTES = 64 << 20  # one entry
 MAX_TOTAL = 512 << 20  # all entries (GPT-2 small's is 0.65 MB)
 MAX_DEPTH = 48  # JSON nesting (a node's arguments are lists of lists, a few deep)
@@ -58,6 +59,9 @@ def enabled() -> bool:
 
 
 def directory() -> Path:
+    """`$TDHOOK_FX_CAPTURE_CACHE_DIR` if set, else `$XDG_CACHE_HOME/tdhook_fx/captures`."""
+    if os.environ.get(FOLDER):
+        return Path(os.environ[FOLDER])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "tdhook_fx" / "captures"
 
