@@ -12,14 +12,13 @@ import torch
 
 import tdhook_fx
 import tdhook_fx.compiler.capture as capture_package
-from tdhook_fx.compiler.capture import capture, disk
+from tdhook_fx import reference
+from tdhook_fx.compiler.capture import capture, disk, shape_guards
 from tdhook_fx.compiler.capture.call_plan import example_inputs
 from tdhook_fx.compiler.capture.fingerprint import entry_name
-from tdhook_fx.compiler.capture import shape_guards
 from tdhook_fx.compiler.capture.shape_guards import ShapeGuards
 from tdhook_fx.errors import InputShapeError, StoredGraphInvalid
 from tdhook_fx.shipping import cli
-from tdhook_fx import reference
 from tests import zoo
 
 
@@ -207,7 +206,7 @@ def test_an_entry_signed_with_another_key_or_under_another_name_is_ignored(cache
     """Another user's (or machine's) entry, or an entry copied to the name of another model."""
     captured("mlp")
     entry = only_entry(cache_folder)
-    signature, body = signature_and_body(entry)
+    signature, _ = signature_and_body(entry)
     (cache_folder / disk.KEY).write_text(os.urandom(32).hex())  # the entry's key is not the user's now
     runs = FrontEnds(monkeypatch)
     captured("mlp")
