@@ -100,6 +100,15 @@ class CaptureError(TdhookFxError):
     """Neither front end could turn the model into a graph (which failed, why, what to try)."""
 
 
+class StoredGraphInvalid(TdhookFxError):
+    """A stored capture (the persistent capture cache) is damaged or refused by its allow-list;
+    never shown: the model is captured anew."""
+
+
+class InputShapeError(TdhookFxError, ValueError):
+    """The inputs break a shape rule of an exported graph (a size bounded or tied to another)."""
+
+
 class BindingError(TdhookFxError):
     """A runtime value (`$name`) is missing or does not fit its site at call time."""
 

@@ -29,6 +29,20 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def capture_cache_directory(tmp_path_factory):
+    """The persistent capture cache in a temporary folder of this test process, never the
+    user's, for the processes the tests start too (models built again by later tests load their
+    captures from it)."""
+    from tdhook_fx.compiler.capture import disk
+
+    folder = tmp_path_factory.mktemp("capture-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(disk.FOLDER, str(folder))
+        patch.delenv(disk.ENVIRONMENT, raising=False)
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def samples():
     """Each zoo model built once per test process (captures are cached per model object)."""

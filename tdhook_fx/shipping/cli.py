@@ -8,6 +8,7 @@
     tdhook-fx export MODEL PROGRAM OUT             OUT.pt2: standalone torch.export; else cm.save
     tdhook-fx draw MODEL PROGRAM OUT               OUT.svg / .html / .dot
     tdhook-fx inspect FILE                         what a .pt2 or a saved file holds
+    tdhook-fx cache [info|clear]                   the persistent capture cache: where, how big; empty it
 
 MODEL is a built-in sample model (`gpt2`, `mlp`, `minilm`; random weights except minilm), a
 Hugging Face `config.json` (or its folder; built with random weights, nothing in it runs), or
@@ -136,6 +137,10 @@ def _parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="report what a .pt2 or a saved file holds (nothing is run)")
     inspect.add_argument("file", metavar="FILE")
     inspect.set_defaults(command=inspect_command)
+
+    cache = commands.add_parser("cache", help="show (info) or empty (clear) the persistent capture cache")
+    cache.add_argument("action", choices=("info", "clear"), nargs="?", default="info")
+    cache.set_defaults(command=cache_command)
     return parser
 
 
@@ -308,6 +313,22 @@ def draw_command(args) -> int:
             raise CommandLineError(f"--depth must be auto, all or a whole number of at least 1, not {depth!r}")
         depth = int(depth)
     print(f"wrote {cm.draw(args.out, depth=depth, engine=args.engine)}")
+    return 0
+
+
+def cache_command(args) -> int:
+    from tdhook_fx.compiler.capture import disk
+
+    if args.action == "clear":
+        print(f"removed {disk.clear()} entries from {escaped(str(disk.directory()))}")
+        return 0
+    facts = disk.info()
+    state = "on" if facts["enabled"] else f"off ({disk.ENVIRONMENT}=0)"
+    print(f"persistent capture cache: {state}")
+    print(f"  folder: {escaped(facts['folder'])}")
+    print(f"  entries: {facts['entries']}, {facts['bytes'] / 2**20:.1f} MiB of at most {facts['limit'] / 2**20:.0f} MiB")
+    if not facts["usable"]:
+        print("  not used: the folder belongs to another user or others can write into it (fix its owner or mode)")
     return 0
 
 

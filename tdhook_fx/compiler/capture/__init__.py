@@ -12,10 +12,12 @@ from functools import cached_property
 import torch
 from torch import fx, nn
 
+from tdhook_fx.compiler.capture import disk
 from tdhook_fx.compiler.capture import export as export_frontend
 from tdhook_fx.compiler.capture import trace as trace_frontend
 from tdhook_fx.compiler.capture.call_plan import CallPlan, join_keys, key_name, model_call, plan_call
-from tdhook_fx.compiler.capture.sites import SiteInfo, SiteTable, build_site_table
+from tdhook_fx.compiler.capture.fingerprint import entry_name
+from tdhook_fx.compiler.capture.sites import Recording, SiteInfo, SiteTable, build_site_table, record
 from tdhook_fx.compiler.capture.state import (
     Follows,
     bakes_tensor_facts,
@@ -27,7 +29,7 @@ from tdhook_fx.compiler.capture.state import (
 )
 from tdhook_fx.compiler.capture.taps import SiteKey, Tapper
 from tdhook_fx.compiler.capture.user_hooks import refuse_user_hooks
-from tdhook_fx.compiler.graphs import mutates
+from tdhook_fx.compiler.graphs import detached, mutates
 from tdhook_fx.compiler.lru import LRU
 from tdhook_fx.compiler.sources import generated_code
 from tdhook_fx.errors import CaptureError
@@ -35,6 +37,7 @@ from tdhook_fx.errors import CaptureError
 FRONTENDS = ("auto", "fx", "export")
 CAPTURES_PER_MODEL = 8  # captures kept per model (one per state: dtypes, devices, modes, input ranks)
 SITE_TABLES_PER_CAPTURE = 8  # site tables kept per capture (one per input shapes)
+RTOL, ATOL = 1e-4, 1e-5  # a captured graph's values against the eager model's
 
 # Captures run one at a time in the process: torch.fx's tracer patches `nn.Module.__call__` and
 # `__getattr__` for everyone while it runs, and two overlapping traces would restore each
@@ -128,32 +131,48 @@ def _cached_capture(model, inputs, in_keys, out_keys, frontend, key, per_model: 
     cached = per_model.get(key)
     if cached is not None:  # but no site table for these shapes yet
         try:
-            return cached, _sites(cached, model, inputs, shapes)
+            return cached, _table(cached, model, shapes, record(cached.graph_module, inputs))
         except Exception:  # an exported graph's shape guards refused these inputs: capture again
             pass
-    cached = _capture(model, inputs, in_keys, out_keys, frontend)
+    cached, recording = _capture(model, inputs, in_keys, out_keys, frontend)
     per_model.put(key, cached)
-    return cached, _sites(cached, model, inputs, shapes)
+    return cached, _table(cached, model, shapes, recording)
 
 
-def _sites(capture: Capture, model: nn.Module, inputs: tuple, shapes: tuple) -> SiteTable:
-    table = build_site_table(model, capture.graph_module, inputs, capture.site_keys, capture.eager_sites)
+def _table(capture: Capture, model: nn.Module, shapes: tuple, recording: Recording) -> SiteTable:
+    table = build_site_table(model, capture.graph_module, capture.site_keys, capture.eager_sites, recording)
     capture.site_tables.put(shapes, table)
     return table
 
 
-def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
+def _capture(model, inputs, in_keys, out_keys, frontend) -> tuple[Capture, Recording]:
+    """A capture of `model` on `inputs`, and the run of its graph that checked it (the site
+    table is built from that run): read from the persistent capture cache when an entry there
+    reproduces the eager model, else made by the front ends (and stored)."""
     start = time.perf_counter()
-    torch.manual_seed(0)  # the eager run and each front end's check draw the same dropout masks
-    with Tapper(model, mark=False).hooks() as eager_tapper:
-        plan, eager = plan_call(model, in_keys, out_keys, inputs)
-    eager_sites = frozenset(key.name for key in eager_tapper.sites)
+    entry = entry_name(model, inputs, in_keys, out_keys, frontend) if disk.enabled() else None
+    with generated_code([]) as keep:  # a stored graph that is not used leaves no source behind
+        stored = disk.load(entry, model) if entry is not None else None
+        torch.manual_seed(0)  # the eager run and each check draw the same dropout masks
+        with Tapper(model, mark=False, record=stored is not None).hooks() as eager_tapper:
+            plan, eager = plan_call(model, in_keys, out_keys, inputs)
+        eager_sites = frozenset(key.name for key in eager_tapper.sites)
+        if stored is not None:
+            graph_module, name, keys = stored
+            try:  # the entry must compute the eager model's outputs and every site it also produces
+                recording = _checked_run(graph_module, inputs, eager, eager_tapper.values, "stored")
+            except Exception:  # noqa: BLE001 - whatever a wrong graph raises: it is not used
+                recording = None
+            if recording is not None:
+                keep.append(graph_module)
+                seconds = time.perf_counter() - start
+                return Capture(detached(graph_module), name, plan, keys, eager_sites, seconds, held_objects(model)), recording
     failures = []
     for name in ("fx", "export") if frontend == "auto" else (frontend,):
         with generated_code([]) as keep:  # torch.export makes (and drops) dozens of graph modules
             try:
                 graph_module, tapper = _run_frontend(name, model, plan, inputs)
-                _check_same_outputs(graph_module, inputs, eager, name)
+                recording = _checked_run(graph_module, inputs, eager, {}, name)
             except Exception as error:  # every front end's failure is reported, see below
                 # the reason as text: a kept exception would keep its traceback's frames (and the
                 # model in their locals) alive in a reference cycle
@@ -161,7 +180,10 @@ def _capture(model, inputs, in_keys, out_keys, frontend) -> Capture:
                 continue
             keep.append(graph_module)
         keys = {key.name: key for key in tapper.sites}
-        return Capture(graph_module, name, plan, keys, eager_sites, time.perf_counter() - start, held_objects(model))
+        if entry is not None:
+            disk.save(entry, graph_module, name, keys)
+        seconds = time.perf_counter() - start
+        return Capture(graph_module, name, plan, keys, eager_sites, seconds, held_objects(model)), recording
     raise CaptureError(_failure_message(model, failures))
 
 
@@ -185,13 +207,32 @@ def _run_frontend(name: str, model: nn.Module, plan: CallPlan, inputs: tuple) ->
             export_frontend.empty(traced)
 
 
-def _check_same_outputs(graph_module, inputs, eager, frontend) -> None:
+def _checked_run(graph_module, inputs: tuple, eager: tuple, eager_values: dict, which: str) -> Recording:
+    """One recorded run of a captured graph on the example, checked against the eager model:
+    its outputs, and the value of each site in `eager_values` (site name -> eager value)."""
     torch.manual_seed(0)
-    with torch.no_grad():
-        outputs = graph_module(*inputs)
-    for got, want in zip(outputs, eager):
-        if got.shape != want.shape or not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-            raise CaptureError(f"the {frontend} graph does not reproduce the model's outputs on the example")
+    recording = record(graph_module, inputs)
+    got = [*recording.outputs, *(recording.values.get(name) for name in eager_values)]
+    if len(recording.outputs) != len(eager) or not _all_close(got, [*eager, *eager_values.values()]):
+        raise CaptureError(f"the {which} graph does not reproduce the model's outputs on the example")
+    return recording
+
+
+def _all_close(got: list, want: list) -> bool:
+    """Whether each pair is alike and equal within the capture's tolerance (NaN equals NaN).
+    A few plain tensor operations per pair: a capture compares a hundred sites, and the
+    double-precision `allclose` of them all took seconds."""
+    for g, w in zip(got, want, strict=True):
+        if not (isinstance(g, torch.Tensor) and g.shape == w.shape and g.dtype == w.dtype and g.device == w.device):
+            return False
+        if g.is_floating_point() or g.is_complex():
+            difference = (g - w).abs()
+            near = (difference <= w.abs() * RTOL + ATOL) & difference.isfinite()
+            if not near.all() and not torch.isclose(g, w, rtol=RTOL, atol=ATOL, equal_nan=True).all():
+                return False  # (isclose, slower, tells infinities and NaNs apart)
+        elif not torch.equal(g, w):
+            return False
+    return True
 
 
 def _reason(error: Exception) -> str:

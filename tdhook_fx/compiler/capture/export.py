@@ -12,9 +12,12 @@ import torch
 from torch import fx, nn
 from torch.export import Dim
 
+from tdhook_fx.compiler.capture import shape_guards
 from tdhook_fx.compiler.capture.call_plan import ModelCall
 from tdhook_fx.compiler.capture.taps import Tapper
 from tdhook_fx.compiler.graphs import detached
+
+SHAPE_GUARDS = "tdhook_fx_shape_guards"
 
 
 def dynamic_dims(x: torch.Tensor) -> dict[int, object]:
@@ -34,7 +37,11 @@ def widen(x: torch.Tensor) -> torch.Tensor:
 
 
 def export(call: ModelCall, tapper: Tapper, inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    """Export `call` on `inputs` with taps; returns a plain GraphModule (flat inputs/outputs)."""
+    """Export `call` on `inputs` with taps; returns a plain GraphModule (flat inputs/outputs).
+
+    Its `meta[SHAPE_GUARDS]` lists the program's shape guards as data (None where they are not
+    all comparisons of input sizes), for the persistent capture cache (`disk`); they are
+    checked by `shape_guards.ShapeGuards`."""
     with tapper.hooks():
         program = torch.export.export(
             call,
@@ -46,6 +53,9 @@ def export(call: ModelCall, tapper: Tapper, inputs: tuple[torch.Tensor, ...]) ->
     graph = unlifted.graph
     graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat tuple out, no pytree specs
     graph_module = detached(fx.GraphModule(unlifted, graph))
+    guards = shape_guards.guards_of(program, call.plan.arg_names)
+    graph_module.meta[SHAPE_GUARDS] = guards
+    shape_guards.install(graph_module, guards)
     # torch.export leaves reference cycles behind (the exported program, the module it unlifted,
     # recursive closures of its own holding every parameter): emptied what can be, the rest
     # collected now rather than some time after the model is dropped (a collection takes a few

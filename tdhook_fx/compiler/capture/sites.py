@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from tdhook_fx.compiler.attention import ATTENTION_SITES, attention_values, is_sdpa, sdpa_arguments
+from tdhook_fx.compiler.attention import ATTENTION_SITES, attention_values, sdpa_arguments
 from tdhook_fx.compiler.capture.internals import InternalOp, internal_ops
 from tdhook_fx.compiler.capture.taps import TAP, SiteKey, is_tap
 from tdhook_fx.errors import TdhookFxError
@@ -102,19 +102,37 @@ class SiteTable:
         return "\n".join(s.describe() for s in self)
 
 
+@dataclass(frozen=True)
+class Recording:
+    """One run of a tapped graph: its outputs, every tap's value, and the shape and dtype of
+    every internal value (the `internals` of the graph)."""
+
+    outputs: tuple
+    values: dict[str, torch.Tensor]
+    inside: dict[str, tuple]
+    internals: list[InternalOp]
+
+
+def record(graph_module: fx.GraphModule, inputs: tuple) -> Recording:
+    """Run the tapped graph once on `inputs`, recording what `build_site_table` needs."""
+    internals = internal_ops(graph_module)
+    recorder = _Recorder(graph_module, internals)
+    with torch.no_grad():
+        outputs = recorder.run(*inputs)
+    return Recording(tuple(outputs), recorder.values, recorder.inside, internals)
+
+
 def build_site_table(
-    model: nn.Module, graph_module: fx.GraphModule, inputs: tuple, keys: dict[str, SiteKey], eager: frozenset[str]
+    model: nn.Module, graph_module: fx.GraphModule, keys: dict[str, SiteKey], eager: frozenset[str], recording: Recording
 ) -> SiteTable:
-    """Run the tapped graph once on `inputs` and record every site's shape, dtype and order.
+    """Every site's shape, dtype and order, from a `recording` of the tapped graph on some inputs.
 
     `keys` maps each tap's site name to where it is (as the `Tapper` recorded it); `eager`
     names the sites that the eager model produces too.
     """
-    internals = internal_ops(graph_module)
-    values, inside = _record(graph_module, inputs, internals)
     order = {n.args[1]: i for i, n in enumerate(graph_module.graph.nodes) if is_tap(n)}
     sites = []
-    for name, value in values.items():
+    for name, value in recording.values.items():
         key = keys[name]
         sites.append(
             SiteInfo(
@@ -124,7 +142,7 @@ def build_site_table(
     for name, parameter in model.named_parameters(remove_duplicate=False):
         module, _, attribute = name.rpartition(".")
         sites.append(SiteInfo(name, module, "param", attribute, 0, tuple(parameter.shape), parameter.dtype, -1))
-    return SiteTable(sites, model, _internal_sites(graph_module, internals, inside))
+    return SiteTable(sites, model, _internal_sites(graph_module, recording.internals, recording.inside))
 
 
 def _internal_sites(graph_module: fx.GraphModule, internals: list[InternalOp], inside: dict) -> list[SiteInfo]:
@@ -173,16 +191,9 @@ class _Recorder(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-def _record(graph_module: fx.GraphModule, inputs: tuple, internals: list[InternalOp]) -> tuple[dict, dict]:
-    recorder = _Recorder(graph_module, internals)
-    with torch.no_grad():
-        recorder.run(*inputs)
-    return recorder.values, recorder.inside
-
-
 def record_shapes(graph_module: fx.GraphModule, inputs: tuple) -> dict[str, torch.Size]:
     """The shape of every site (inside modules too) when the tapped graph runs on `inputs`."""
-    values, inside = _record(graph_module, inputs, internal_ops(graph_module))
-    shapes = {name: torch.Size(value.shape) for name, value in values.items()}
-    shapes.update((name, torch.Size(shape)) for name, (shape, _) in inside.items())
+    recording = record(graph_module, inputs)
+    shapes = {name: torch.Size(value.shape) for name, value in recording.values.items()}
+    shapes.update((name, torch.Size(shape)) for name, (shape, _) in recording.inside.items())
     return shapes

@@ -59,13 +59,15 @@ def _is_tensor(value) -> bool:
 class Tapper:
     """Taps the inputs and outputs of every named module of `model` during one trace.
 
-    With `mark=False` it only records which sites a run produces (used on the eager run).
+    With `mark=False` it only records which sites a run produces (used on the eager run), and
+    with `record=True` also their values (to check a stored capture against).
     Only the thread that made the tapper taps: a forward of the same model in another thread
     while a capture runs passes through unchanged (and leaves the capture's record alone).
     """
 
-    def __init__(self, model: nn.Module, mark: bool = True):
+    def __init__(self, model: nn.Module, mark: bool = True, record: bool = False):
         self.mark = mark
+        self.values: dict[str, torch.Tensor] | None = {} if record else None  # site name -> its tensor (`record`)
         self.thread = threading.get_ident()
         self.names = {module: name for name, module in model.named_modules() if name}
         self.sites: list[SiteKey] = []
@@ -77,9 +79,13 @@ class Tapper:
         self.sites.clear()
         self._calls.clear()
         self._open.clear()
+        if self.values is not None:
+            self.values.clear()
 
     def _tap(self, value, key: SiteKey):
         self.sites.append(key)
+        if self.values is not None:
+            self.values[key.name] = value.detach().clone()
         return tap(value, key.name) if self.mark else value
 
     @contextmanager
