@@ -345,3 +345,24 @@ def test_a_private_configuration_setting_is_part_of_the_key():
     inputs = example_inputs(eager.example, eager.in_keys)
     names = {entry_name(s.model, inputs, s.in_keys, s.out_keys, "auto") for s in (eager, fused, builtin.gpt2())}
     assert len(names) == 2
+
+
+def test_processes_starting_together_make_one_key(cache_folder):
+    """The first key is linked into place, never renamed over another: every writer that starts
+    on an empty folder signs with the same key."""
+    import threading
+
+    start = threading.Barrier(8)
+    keys = []
+
+    def make():
+        start.wait()
+        keys.append(disk._key(cache_folder, create=True))
+
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(keys)) == 1 and keys[0] is not None
+    assert [p.name for p in cache_folder.iterdir()] == [disk.KEY]  # no temporary file left

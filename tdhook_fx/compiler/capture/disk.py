@@ -221,25 +221,34 @@ def _key(folder: Path, create: bool) -> bytes | None:
     if not _private(folder):
         return None
     path = folder / KEY
+    key = _read_key(path)
+    if key is not None or not create:
+        return key
+    if not path.exists():  # the first key: made once, even by processes starting together
+        try:
+            _replace(folder, KEY, secrets.token_bytes(SIGNATURE // 2).hex().encode(), exclusive=True)
+        except FileExistsError:
+            pass
+        key = _read_key(path)
+    if key is None:  # what others could read or write signs nothing: a new key (old entries fail)
+        key = secrets.token_bytes(SIGNATURE // 2)
+        _replace(folder, KEY, key.hex().encode())
+    return key
+
+
+def _read_key(path: Path) -> bytes | None:
+    """The key in `path` if it is a regular file of this user that nobody else can read."""
     try:
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except FileNotFoundError:
-        return _new_key(folder) if create else None
-    except OSError:  # a link, say
-        return _new_key(folder) if create else None
+    except OSError:  # none, or a link
+        return None
     with os.fdopen(descriptor, "rb") as file:
         info = os.fstat(file.fileno())
         text = file.read(SIGNATURE + 1)
     safe = stat.S_ISREG(info.st_mode) and _owned(info) and not info.st_mode & 0o077
     if safe and len(text) == SIGNATURE and all(c in b"0123456789abcdef" for c in text):
         return bytes.fromhex(text.decode())
-    return _new_key(folder) if create else None  # what others could read or write signs nothing
-
-
-def _new_key(folder: Path) -> bytes:
-    key = secrets.token_bytes(SIGNATURE // 2)
-    _replace(folder, KEY, key.hex().encode())
-    return key
+    return None
 
 
 def _private(folder: Path) -> bool:
@@ -255,17 +264,19 @@ def _owned(info: os.stat_result) -> bool:
     return not hasattr(os, "getuid") or info.st_uid == os.getuid()
 
 
-def _replace(folder: Path, name: str, data: bytes) -> None:
+def _replace(folder: Path, name: str, data: bytes, exclusive: bool = False) -> None:
     """Write `folder/name` atomically, readable by the user alone (a temporary file made with
-    mode 0600, then renamed over the old one)."""
+    mode 0600, then renamed over the old one; `exclusive`: linked, FileExistsError if there is one)."""
     descriptor, temporary = tempfile.mkstemp(dir=folder, prefix=TEMPORARY)
     try:
         with os.fdopen(descriptor, "wb") as file:
             file.write(data)
-        os.replace(temporary, folder / name)
-    except BaseException:
+        if exclusive:
+            os.link(temporary, folder / name)
+        else:
+            os.replace(temporary, folder / name)
+    finally:
         Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ---- housekeeping -----------------------------------------------------------------------------
