@@ -366,3 +366,18 @@ def test_processes_starting_together_make_one_key(cache_folder):
         thread.join()
     assert len(set(keys)) == 1 and keys[0] is not None
     assert [p.name for p in cache_folder.iterdir()] == [disk.KEY]  # no temporary file left
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "tiny_transformer", "gpt2", "bert"])
+def test_programs_on_a_capture_read_from_the_cache_equal_the_hook_reference(name, monkeypatch):
+    """The equivalence property on a model whose capture came from disk: hypothesis draws
+    programs over its sites (save, set, steer, patch, prune, stop) and inputs."""
+    from tests.compiler.properties import check_against_reference
+
+    captured(name)  # writes the entry
+    runs = FrontEnds(monkeypatch)
+    sample = zoo.ALL[name]()
+    capture(sample.model, example_inputs(sample.example, sample.in_keys), sample.in_keys, sample.out_keys)
+    assert runs.runs == 0  # read from the cache
+    check_against_reference(sample, examples=8)
+    assert runs.runs == 0

@@ -211,7 +211,8 @@ def _checked_run(graph_module, inputs: tuple, eager: tuple, eager_values: dict, 
     """One recorded run of a captured graph on the example, checked against the eager model:
     its outputs, and the value of each site in `eager_values` (site name -> eager value)."""
     torch.manual_seed(0)
-    recording = record(graph_module, inputs)
+    in_place = bool(eager_values) and any(mutates(node, graph_module) for node in graph_module.graph.nodes)
+    recording = record(graph_module, inputs, copies=in_place)  # eager values are copies taken then
     got = [*recording.outputs, *(recording.values.get(name) for name in eager_values)]
     if len(recording.outputs) != len(eager) or not _all_close(got, [*eager, *eager_values.values()]):
         raise CaptureError(f"the {which} graph does not reproduce the model's outputs on the example")

@@ -113,10 +113,12 @@ class Recording:
     internals: list[InternalOp]
 
 
-def record(graph_module: fx.GraphModule, inputs: tuple) -> Recording:
-    """Run the tapped graph once on `inputs`, recording what `build_site_table` needs."""
+def record(graph_module: fx.GraphModule, inputs: tuple, copies: bool = False) -> Recording:
+    """Run the tapped graph once on `inputs`, recording what `build_site_table` needs.
+    `copies`: each tap's value as it was then, not as later in-place operations left it
+    (`nn.ReLU(inplace=True)` after a tapped batch norm), to compare with an eager run."""
     internals = internal_ops(graph_module)
-    recorder = _Recorder(graph_module, internals)
+    recorder = _Recorder(graph_module, internals, copies)
     with torch.no_grad():
         outputs = recorder.run(*inputs)
     return Recording(tuple(outputs), recorder.values, recorder.inside, internals)
@@ -164,8 +166,9 @@ def _internal_sites(graph_module: fx.GraphModule, internals: list[InternalOp], i
 class _Recorder(fx.Interpreter):
     """Runs the tapped graph once: every tap's value, and the shape and dtype of every internal value."""
 
-    def __init__(self, module, internals: list[InternalOp]):
+    def __init__(self, module, internals: list[InternalOp], copies: bool = False):
         super().__init__(module)
+        self.copies = copies
         self.values: dict[str, torch.Tensor] = {}
         self.inside: dict[str, tuple] = {}  # internal site -> (shape, dtype)
         self.by_node: dict[str, list[InternalOp]] = {}
@@ -186,7 +189,7 @@ class _Recorder(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         if target is TAP:  # record the value; the identity op itself need not run
-            self.values[args[1]] = args[0]
+            self.values[args[1]] = args[0].detach().clone() if self.copies else args[0]
             return args[0]
         return super().call_function(target, args, kwargs)
 
