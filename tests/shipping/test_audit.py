@@ -435,7 +435,7 @@ def hostile_edits(draw, good: Path, marker: Path):
             entries.insert(draw(st.integers(0, len(entries))), (name, _payload(marker, draw(st.data()))))
         elif edit == "drop":
             del entries[i]
-        elif edit == "json" and name.endswith(".json"):
+        elif edit == "json" and name.endswith(".json") and _is_json(data):  # (not a payload added before)
             entries[i] = (name, json.dumps(_json_edit(json.loads(data), marker, draw(st.data()))).encode())
         elif edit == "bytes" and data:  # same size, other values: still exactly an allowed archive
             entries[i] = (name, bytes(draw(st.binary(min_size=len(data), max_size=len(data)))))
@@ -445,6 +445,14 @@ def hostile_edits(draw, good: Path, marker: Path):
             root = draw(st.sampled_from(["other", "a b", "MLP", "x" * 100]))
         done.append(f"{edit} {name}")
     return ", ".join(done), root, entries
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:  # UnicodeDecodeError included
+        return False
+    return True
 
 
 @pytest.fixture(scope="module")

@@ -229,7 +229,7 @@ def _key(folder: Path, create: bool) -> bytes | None:
             _replace(folder, KEY, secrets.token_bytes(SIGNATURE // 2).hex().encode(), exclusive=True)
         except FileExistsError:
             pass
-        key = _read_key(path)
+    key = _read_key(path)  # whoever's link came first
     if key is None:  # what others could read or write signs nothing: a new key (old entries fail)
         key = secrets.token_bytes(SIGNATURE // 2)
         _replace(folder, KEY, key.hex().encode())
