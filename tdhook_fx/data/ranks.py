@@ -12,6 +12,7 @@ has gloo, e.g. "gloo" or "cpu:gloo,cuda:nccl").
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ class Ranks:
             if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
                 return cls()
             dist.init_process_group()  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR, ...
+            atexit.register(_destroy_group)  # started here: ended here (see `_destroy_group`)
         world = dist.get_world_size()
         if world == 1:
             return cls()
@@ -111,3 +113,14 @@ def shard(batches: Iterable[T]) -> Iterator[T]:
     training loop of your own (every rank must iterate the same batches in the same order).
     """
     return Ranks.current().share(batches)
+
+
+def _destroy_group() -> None:
+    """Destroy the process group `Ranks.current` started, at exit: left to the interpreter's
+    shutdown, gloo's threads sometimes outlive it and the rank aborts ("terminate called without
+    an active exception", exit code -6) after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
