@@ -31,13 +31,14 @@ import secrets
 import stat
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from hashlib import sha256
 from pathlib import Path
 
 from torch import fx, nn
 
 from tdhook_fx.compiler.capture import stored_graph
+from tdhook_fx.compiler.capture.export import SHAPE_GUARDS
 from tdhook_fx.compiler.capture.fingerprint import FORMAT
 from tdhook_fx.compiler.capture.taps import SiteKey
 from tdhook_fx.errors import StoredGraphInvalid
@@ -72,7 +73,7 @@ def directory() -> Path:
 def save(name: str, graph_module: fx.GraphModule, frontend: str, site_keys: dict[str, SiteKey]) -> bool:
     """Store a capture under `name` (atomically: a reader sees the old entry or the new one);
     False when its graph is outside the stored format or the folder cannot be used."""
-    guards = graph_module.meta.get("tdhook_fx_shape_guards") if frontend == "export" else []
+    guards = graph_module.meta.get(SHAPE_GUARDS) if frontend == "export" else []
     graph = stored_graph.encode(graph_module, guards)
     if graph is None:
         return False
@@ -114,9 +115,10 @@ def load(name: str, model: nn.Module) -> tuple[fx.GraphModule, str, dict[str, Si
         signature, body = raw[:SIGNATURE], raw[SIGNATURE + 1 :]
         if raw[SIGNATURE : SIGNATURE + 1] != b"\n" or not hmac.compare_digest(signature, _signature(key, name, body).encode()):
             return None  # not written by tdhook_fx with this user's key, or changed since
-        os.utime(path)  # used: the last to be evicted
     except OSError:
         return None
+    with suppress(OSError):  # (a folder that cannot be written is still read)
+        os.utime(path)  # used: the last to be evicted
     try:
         with _collection_paused():
             value = parse(body)
