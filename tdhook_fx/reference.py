@@ -245,8 +245,14 @@ class _Recorder:
         self.running: list[nn.Module] = []  # the module calls in progress, innermost last
         self.inside: list[_Inside] = []  # the internal-site interceptors entered, innermost last
         if any(kind == "op" for _, _, kind in self.hooks):
-            handles.append(nn.modules.module.register_module_forward_pre_hook(lambda m, a: self.running.append(m)))
-            handles.append(nn.modules.module.register_module_forward_hook(lambda m, a, o: self.running.pop() and None))
+            # only the model's own modules: an nn.Module that forward calls but the model does not
+            # hold (transformers 5.25 wraps Llama's `apply_rotary_pos_emb` in one, with `kernels`)
+            # is code of its caller, as in the graph, where it has no sites of its own
+            tree = {id(m) for m in self.hooked.model.modules()}
+            handles.append(nn.modules.module.register_module_forward_pre_hook(
+                lambda m, a: self.running.append(m) if id(m) in tree else None))
+            handles.append(nn.modules.module.register_module_forward_hook(
+                lambda m, a, o: self.running.pop() and None if id(m) in tree else None))
         for name in wanted:
             module = self.hooked.modules[name]
             handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
