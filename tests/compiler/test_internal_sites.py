@@ -248,3 +248,35 @@ def test_the_command_line_lists_internal_sites(capsys):
     assert main(["sites", "gpt2", "transformer.h[0].attn", "--inside"]) == 0
     out = capsys.readouterr().out
     assert "transformer.h.0.attn:pattern (attention pattern" in out and "transformer.h.0.attn:q (" in out
+
+
+class _Doubled(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+_DOUBLED = _Doubled()  # called by the block, held by no model (as transformers 5.25 wraps Llama's rotary code)
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return _DOUBLED(h) + h * 3
+
+
+def test_a_module_the_model_does_not_hold_is_its_callers_code():
+    """Its operations are the calling module's own (`0:mul_0` is the doubling), in the graph and
+    in the hook reference alike."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Block()).eval()
+    example = TensorDict(input=torch.randn(3, 4), batch_size=[3])
+    sites = tdhook_fx.sites(model, example=example)
+    assert [site.name for site in sites.inside("0")] == ["0:mul_0", "0:mul_1", "0:add_0"]
+    assert_equivalent(model, "save 0:mul_0\nsave 0:mul_1\nsteer 0:mul_0 += 1\nsave 0:add_0", example)
+    compiled = tdhook_fx.compile(model, "save 0:mul_0", example=example)
+    h = model[0].linear(example["input"])
+    torch.testing.assert_close(compiled(example.clone())["saved", "0:mul_0"], h * 2)
