@@ -196,7 +196,7 @@ def test_a_damaged_or_tampered_entry_is_ignored_and_rewritten(tamper, signed, ca
     else:
         entry.write_bytes(signature + b"\n" + tamper(good).encode("utf-8", "surrogateescape"))
     runs = FrontEnds(monkeypatch)
-    sample, inputs, second, _ = captured(name)
+    _, _, second, _ = captured(name)
     assert runs.runs >= 1  # captured anew
     assert second.graph_module.code == first.graph_module.code
     assert signature_and_body(entry) == (signature, good)  # and stored anew

@@ -161,9 +161,9 @@ def _capture(model, inputs, in_keys, out_keys, frontend) -> tuple[Capture, Recor
             graph_module, name, keys = stored
             try:  # the entry must compute the eager model's outputs and every site it also produces
                 recording = _checked_run(graph_module, inputs, eager, eager_tapper.values, "stored")
-            except Exception:  # noqa: BLE001 - whatever a wrong graph raises: it is not used
-                recording = None
-            if recording is not None:
+            except Exception:  # noqa: BLE001, S110 - whatever a wrong graph raises: it is not used
+                pass
+            else:
                 keep.append(graph_module)
                 seconds = time.perf_counter() - start
                 return Capture(detached(graph_module), name, plan, keys, eager_sites, seconds, held_objects(model)), recording
